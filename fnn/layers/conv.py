@@ -1,0 +1,189 @@
+"""Convolutions over 1, 2 or 3 spatial dimensions, channels-last.
+
+Layout: inputs are ``[..., *spatial, in_features]`` (NWC, NHWC or NDHWC, with any number of
+leading batch axes, none included), kernels ``[*kernel_size, in_features // groups, features]``
+(WIO, HWIO, DHWIO). The number of spatial dimensions is ``len(kernel_size)``.
+
+``padding`` is ``"SAME"`` (output size ``ceil(in / stride)``), ``"VALID"`` (no padding), an
+int ``p`` (``p`` on both sides of every spatial axis), or one ``(low, high)`` pair per axis.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.nn import initializers
+
+from fnn.core import Layer, align, check_rank, compute_dtype, shape_error
+
+Padding = str | int | Sequence[tuple[int, int]]
+
+
+def _tuple(name: str, arg: str, value: int | Sequence[int], n: int) -> tuple[int, ...]:
+    values = (value,) * n if isinstance(value, int) else tuple(value)
+    if len(values) != n or not all(isinstance(v, int) and v > 0 for v in values):
+        raise ValueError(f"{name}: {arg} must be a positive int or {n} of them, got {value!r}")
+    return values
+
+
+def _padding(name: str, padding: Padding, n: int) -> str | list[tuple[int, int]]:
+    if isinstance(padding, str):
+        if padding.upper() not in ("SAME", "VALID"):
+            raise ValueError(f"{name}: padding must be 'SAME', 'VALID', an int or (low, high) "
+                             f"pairs, got {padding!r}")
+        return padding.upper()
+    if isinstance(padding, int):
+        return [(padding, padding)] * n
+    pairs = [tuple(p) for p in padding]
+    if len(pairs) != n or not all(len(p) == 2 for p in pairs):
+        raise ValueError(f"{name}: padding needs {n} (low, high) pairs, got {padding!r}")
+    return pairs
+
+
+def _dimension_numbers(n: int) -> lax.ConvDimensionNumbers:
+    spatial = tuple(range(1, n + 1))
+    # input/output [N, *spatial, C]; kernel [*spatial, I, O]
+    return lax.ConvDimensionNumbers(lhs_spec=(0, n + 1) + spatial,
+                                    rhs_spec=(n + 1, n) + tuple(range(n)),
+                                    out_spec=(0, n + 1) + spatial)
+
+
+def _batched(fn, x: jax.Array, n: int) -> jax.Array:
+    """Runs ``fn`` on ``x`` reshaped to exactly one batch axis, then restores the leading axes."""
+    lead = x.shape[:x.ndim - n - 1]
+    y = fn(x.reshape((math.prod(lead),) + x.shape[len(lead):]))
+    return y.reshape(lead + y.shape[1:])
+
+
+def _settings(name: str, features: int, kernel_size, strides, padding, dilation):
+    """Validates a convolution's hyper-parameters; returns them as tuples (one entry per axis)."""
+    kernel = (kernel_size,) if isinstance(kernel_size, int) else tuple(kernel_size)
+    n = len(kernel)
+    if not 1 <= n <= 3:
+        raise ValueError(f"{name}: kernel_size must have 1, 2 or 3 entries, got {kernel_size!r}")
+    _tuple(name, "features", features, 1)
+    return (_tuple(name, "kernel_size", kernel, n), _tuple(name, "strides", strides, n),
+            _padding(name, padding, n), _tuple(name, "dilation", dilation, n))
+
+
+def _conv_init(name: str, kernel: tuple[int, ...], features: int, groups: int, use_bias: bool,
+               w_init, b_init, param_dtype):
+    """The ``init`` shared by Conv and ConvTranspose: a kernel and an optional bias."""
+    n = len(kernel)
+
+    def init(key, x):
+        check_rank(name, x, n + 1, f"[..., {n} spatial axes, in_features]")
+        in_features = x.shape[-1]
+        if in_features % groups:
+            raise shape_error(name, f"[..., {n} spatial axes, in_features divisible by "
+                              f"feature_group_count={groups}]", x)
+        w_key, b_key = jax.random.split(key)
+        params = {"w": w_init(w_key, kernel + (in_features // groups, features), param_dtype)}
+        if use_bias:
+            params["b"] = b_init(b_key, (features,), param_dtype)
+        return params, {}
+
+    return init
+
+
+def _check_input(name: str, x, n: int, in_features: int) -> None:
+    expected = f"[..., {n} spatial axes, {in_features}]"
+    if jnp.ndim(x) < n + 1 or x.shape[-1] != in_features:
+        raise shape_error(name, expected, x)
+
+
+def Conv(features: int, kernel_size: int | Sequence[int], *, strides: int | Sequence[int] = 1,
+         padding: Padding = "SAME", dilation: int | Sequence[int] = 1,
+         feature_group_count: int = 1, use_bias: bool = True,
+         w_init: jax.nn.initializers.Initializer = initializers.lecun_normal(),
+         b_init: jax.nn.initializers.Initializer = initializers.zeros,
+         param_dtype: Any = jnp.float32, dtype: Any = None) -> Layer:
+    """Convolution (cross-correlation, as in every deep-learning library).
+
+    Shapes: ``x: [..., *spatial, in_features] -> [..., *out_spatial, features]``; params
+    ``{"w": [*kernel_size, in_features // feature_group_count, features], "b": [features]}``.
+    ``kernel_size`` is an int only for 1-D; give a tuple for 2-D and 3-D (``(3, 3)``).
+    ``feature_group_count=in_features`` gives a depthwise convolution. ``w`` starts
+    LeCun-normal over its fan-in, ``b`` at zero.
+    """
+    kernel, strides_, padding_, dilation_ = _settings("Conv", features, kernel_size, strides,
+                                                      padding, dilation)
+    n = len(kernel)
+    groups = _tuple("Conv", "feature_group_count", feature_group_count, 1)[0]
+    if features % groups:
+        raise ValueError(f"Conv: features ({features}) must be divisible by "
+                         f"feature_group_count ({groups})")
+    dimension_numbers = _dimension_numbers(n)
+
+    def apply(params, state, x, *, key=None, train=False):
+        w = params["w"]
+        _check_input("Conv", x, n, w.shape[-2] * groups)
+        dt = compute_dtype(dtype, x, param_dtype)
+
+        def conv(xb):
+            return lax.conv_general_dilated(
+                xb.astype(dt), w.astype(dt), window_strides=strides_, padding=padding_,
+                rhs_dilation=dilation_, dimension_numbers=dimension_numbers,
+                feature_group_count=groups)
+
+        y = _batched(conv, x, n)
+        if use_bias:
+            y = y + align(params["b"].astype(dt), y.ndim)
+        return y, state
+
+    init = _conv_init("Conv", kernel, features, groups, use_bias, w_init, b_init, param_dtype)
+    return Layer(init, apply, "Conv")
+
+
+def ConvTranspose(features: int, kernel_size: int | Sequence[int], *,
+                  strides: int | Sequence[int] = 1, padding: Padding = "SAME",
+                  dilation: int | Sequence[int] = 1, use_bias: bool = True,
+                  w_init: jax.nn.initializers.Initializer = initializers.lecun_normal(),
+                  b_init: jax.nn.initializers.Initializer = initializers.zeros,
+                  param_dtype: Any = jnp.float32, dtype: Any = None) -> Layer:
+    """Transposed convolution: every input position adds ``x[i] * w`` into the output at
+    ``i * strides`` (the gradient of :func:`Conv` with respect to its input, as in PyTorch).
+
+    Shapes: ``x: [..., *spatial, in_features] -> [..., *out_spatial, features]``, where
+    ``out = in * strides`` for ``"SAME"`` and ``(in - 1) * strides + dilation * (kernel - 1) + 1``
+    (the full output) for ``"VALID"``; an int or ``(low, high)`` pairs crop that many positions
+    from each side of the full output (PyTorch's ``padding``). Params
+    ``{"w": [*kernel_size, in_features, features], "b": [features]}``.
+    """
+    kernel, strides_, padding_, dilation_ = _settings("ConvTranspose", features, kernel_size,
+                                                      strides, padding, dilation)
+    n = len(kernel)
+    if padding_ != "SAME":
+        # lax pads the stride-dilated input: the full output needs (dilated kernel - 1) on each
+        # side, and cropping ``p`` from the output is padding ``p`` less.
+        crops = [(0, 0)] * n if padding_ == "VALID" else padding_
+        padding_ = [(d * (k - 1) - lo, d * (k - 1) - hi)
+                    for k, d, (lo, hi) in zip(kernel, dilation_, crops)]
+    dimension_numbers = _dimension_numbers(n)
+    spatial_axes = tuple(range(n))
+
+    def apply(params, state, x, *, key=None, train=False):
+        w = params["w"]
+        _check_input("ConvTranspose", x, n, w.shape[-2])
+        dt = compute_dtype(dtype, x, param_dtype)
+        # lax.conv_transpose correlates the dilated input with the kernel as given; flipping it
+        # gives the scatter form above, the true transpose of Conv.
+        flipped = jnp.flip(w.astype(dt), axis=spatial_axes)
+
+        def conv_t(xb):
+            return lax.conv_transpose(xb.astype(dt), flipped, strides_, padding_,
+                                      rhs_dilation=dilation_,
+                                      dimension_numbers=dimension_numbers)
+
+        y = _batched(conv_t, x, n)
+        if use_bias:
+            y = y + align(params["b"].astype(dt), y.ndim)
+        return y, state
+
+    init = _conv_init("ConvTranspose", kernel, features, 1, use_bias, w_init, b_init,
+                      param_dtype)
+    return Layer(init, apply, "ConvTranspose")

@@ -1,0 +1,33 @@
+"""Dropout."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from fnn.core import Layer, check_train, require_key
+
+
+def Dropout(rate: float) -> Layer:
+    """Zeroes each element with probability ``rate`` in training and scales the rest by
+    ``1 / (1 - rate)``, so the expected output equals the input; the identity when
+    ``train=False``. ``x: [...] -> [...]``. Needs ``key=`` when ``train=True``.
+    """
+    if not isinstance(rate, (int, float)) or isinstance(rate, bool) or not 0.0 <= rate <= 1.0:
+        raise ValueError(f"Dropout: rate is the drop probability and must be in [0, 1], "
+                         f"got {rate!r}")
+
+    def init(key, x):
+        return {}, {}
+
+    def apply(params, state, x, *, key=None, train=False):
+        check_train(train)
+        if not train or rate == 0.0:
+            return x, state
+        key = require_key("Dropout", key)
+        if rate == 1.0:
+            return jnp.zeros_like(x), state
+        keep = jax.random.bernoulli(key, 1.0 - rate, jnp.shape(x))
+        return jnp.where(keep, x / (1.0 - rate), jnp.zeros((), x.dtype)), state
+
+    return Layer(init, apply, "Dropout")

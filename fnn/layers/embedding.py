@@ -1,0 +1,74 @@
+"""Embedding lookup and weight tying."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from jax.nn import initializers
+
+from fnn.core import (Layer, apply_child, check_positive, compute_dtype, init_child, put,
+                      shape_error, where, LayerError)
+
+
+def Embedding(num_embeddings: int, features: int, *,
+              table_init: jax.nn.initializers.Initializer = initializers.normal(stddev=1.0),
+              param_dtype: Any = jnp.float32, dtype: Any = None) -> Layer:
+    """Looks up integer ids in a table. ``ids: int[...] -> [..., features]``; params
+    ``{"table": [num_embeddings, features]}``, initialised from a standard normal.
+
+    To tie output weights to the table (logits ``h @ table.T``), see :func:`tied` and
+    :func:`attend`.
+    """
+    check_positive("Embedding", num_embeddings=num_embeddings, features=features)
+
+    def init(key, x):
+        if not jnp.issubdtype(x.dtype, jnp.integer):
+            raise shape_error("Embedding", "integer ids int[...]", x)
+        return {"table": table_init(key, (num_embeddings, features), param_dtype)}, {}
+
+    def apply(params, state, x, *, key=None, train=False):
+        if not jnp.issubdtype(jnp.result_type(x), jnp.integer):
+            raise shape_error("Embedding", "integer ids int[...]", x)
+        dt = dtype if dtype is not None else param_dtype
+        return jnp.take(params["table"], x, axis=0).astype(dt), state
+
+    return Layer(init, apply, "Embedding")
+
+
+def attend(params: dict[str, jax.Array], h: jax.Array) -> jax.Array:
+    """Logits against an embedding table: ``h: [..., features] -> [..., num_embeddings]``.
+
+    ``params`` are an :func:`Embedding`'s params; this is the tied output projection.
+    """
+    table = params["table"]
+    if h.shape[-1] != table.shape[1]:
+        raise shape_error("attend", f"[..., {table.shape[1]}]", h)
+    dt = compute_dtype(None, h, table.dtype)
+    return jnp.matmul(h, table.astype(dt).T)
+
+
+def tied(embedding: Layer, body: Layer) -> Layer:
+    """``attend(embedding_params, body(embedding(ids)))``: a model whose output projection
+    shares the embedding table. ``ids: int[...] -> logits [..., num_embeddings]``; params
+    ``{"embedding": {"table": ...}, "body": ...}``."""
+
+    def init(key, ids):
+        e_params, _, h = init_child("embedding", embedding, jax.random.fold_in(key, 0), ids)
+        if "table" not in e_params:
+            raise LayerError(f"{where('tied')}: the first layer must be an Embedding")
+        b_params, b_state, _ = init_child("body", body, jax.random.fold_in(key, 1), h)
+        params, state = {"embedding": e_params}, {}
+        put(params, "body", b_params)
+        put(state, "body", b_state)
+        return params, state
+
+    def apply(params, state, ids, *, key=None, train=False):
+        h, _ = apply_child("embedding", embedding, params, state, ids, key=None, train=train)
+        h, body_state = apply_child("body", body, params, state, h, key=key, train=train)
+        new_state = {}
+        put(new_state, "body", body_state)
+        return attend(params["embedding"], h), new_state
+
+    return Layer(init, apply, "tied")

@@ -1,0 +1,162 @@
+"""Max and average pooling over 1, 2 or 3 spatial dimensions, and global pooling.
+
+Inputs are channels-last, ``[..., *spatial, features]``, with any number of leading batch axes;
+the number of spatial dimensions is ``len(window)``. ``strides`` default to the window (no
+overlap). ``padding`` is ``"VALID"`` (default), ``"SAME"``, an int, or ``(low, high)`` pairs.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from fnn.core import Layer, check_floating, check_rank, shape_error
+from fnn.layers.conv import Padding, _padding, _tuple
+
+
+def _pool(name: str, window: int | Sequence[int], strides, padding: Padding, reduce):
+    """A pooling layer: ``reduce(x, dims, strides, padding, n)`` over full-rank windows of ``n``
+    spatial axes."""
+    window_ = (window,) if isinstance(window, int) else tuple(window)
+    n = len(window_)
+    if not 1 <= n <= 3:
+        raise ValueError(f"{name}: window must have 1, 2 or 3 entries, got {window!r}")
+    window_ = _tuple(name, "window", window_, n)
+    strides_ = window_ if strides is None else _tuple(name, "strides", strides, n)
+    padding_ = _padding(name, padding, n)
+    expected = f"[..., {n} spatial axes, features]"
+
+    def init(key, x):
+        check_rank(name, x, n + 1, expected)
+        return {}, {}
+
+    def apply(params, state, x, *, key=None, train=False):
+        check_rank(name, x, n + 1, expected)
+        lead = x.ndim - n - 1
+        dims = (1,) * lead + window_ + (1,)
+        steps = (1,) * lead + strides_ + (1,)
+        pads = padding_ if isinstance(padding_, str) else [(0, 0)] * lead + padding_ + [(0, 0)]
+        return reduce(x, dims, steps, pads, n), state
+
+    return Layer(init, apply, name)
+
+
+def _blocks(x: jax.Array, window: tuple[int, ...]) -> jax.Array:
+    """``x: [..., *spatial, C]`` cut into non-overlapping windows,
+    ``[..., out_1, window_1, ..., out_n, window_n, C]``; trailing positions that fill no whole
+    window are dropped, as with ``"VALID"`` padding."""
+    n = len(window)
+    lead = x.shape[:x.ndim - n - 1]
+    out = [size // k for size, k in zip(x.shape[len(lead):-1], window)]
+    x = x[(...,) + tuple(slice(0, o * k) for o, k in zip(out, window)) + (slice(None),)]
+    return x.reshape(lead + tuple(d for o, k in zip(out, window) for d in (o, k)) + x.shape[-1:])
+
+
+def _window_axes(n: int) -> tuple[int, ...]:
+    """The axes of :func:`_blocks`'s output that run within a window."""
+    return tuple(-2 * (n - i) for i in range(n))
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(1,))
+def _block_max(x: jax.Array, window: tuple[int, ...]) -> jax.Array:
+    """Max-pool over non-overlapping windows (strides equal to the window, no padding)."""
+    return _blocks(x, window).max(_window_axes(len(window)))
+
+
+@_block_max.defjvp
+def _block_max_jvp(window, primals, tangents):
+    # The derivative of reduce_window's max: each window's tangent is that of its first maximum
+    # in row-major order (jnp.max would share it among ties, which are common: ReLU zeros,
+    # constant image backgrounds). Transposed, this sends the whole gradient there.
+    (x,), (t,) = primals, tangents
+    blocks = _blocks(x, window)
+    axes = tuple(axis + blocks.ndim for axis in _window_axes(len(window)))
+    y = blocks.max(axes, keepdims=True)
+    # each position's row-major rank within its window, shaped to broadcast against blocks
+    shape = [1] * blocks.ndim
+    for axis, k in zip(axes, window):
+        shape[axis] = k
+    rank = sum(lax.broadcasted_iota(jnp.int32, shape, axis) * math.prod(window[i + 1:])
+               for i, axis in enumerate(axes))
+    first = jnp.min(jnp.where(blocks == y, rank, math.prod(window)), axes, keepdims=True)
+    dy = jnp.where(rank == first, _blocks(t, window), 0).sum(axes)
+    return y.squeeze(axes), dy
+
+
+def MaxPool(window: int | Sequence[int], strides: int | Sequence[int] | None = None,
+            padding: Padding = "VALID") -> Layer:
+    """Maximum over each window. ``x: [..., *spatial, C] -> [..., *pooled, C]``; padded
+    positions never win."""
+
+    def reduce(x, dims, steps, pads, n):
+        floating = jnp.issubdtype(x.dtype, jnp.floating)
+        unpadded = pads == "VALID" or (pads != "SAME" and all(p == (0, 0) for p in pads))
+        if floating and dims == steps and unpadded:
+            # Non-overlapping windows as a reshape and a max: the same values and gradients, but
+            # XLA:CPU expands reduce_window's gradient (select-and-scatter) into index-tracking
+            # reduce-windows and a scatter that took half of a LeNet train step.
+            return _block_max(x, dims[x.ndim - n - 1:x.ndim - 1])
+        # a Python scalar init value lets JAX recognise the max monoid (and differentiate it)
+        lowest = -jnp.inf if floating else int(jnp.iinfo(x.dtype).min)
+        return lax.reduce_window(x, lowest, lax.max, dims, steps, pads)
+
+    return _pool("MaxPool", window, strides, padding, reduce)
+
+
+def AvgPool(window: int | Sequence[int], strides: int | Sequence[int] | None = None,
+            padding: Padding = "VALID", count_include_pad: bool = True) -> Layer:
+    """Mean over each window. ``x: [..., *spatial, C] -> [..., *pooled, C]``. With padding,
+    ``count_include_pad`` divides by the full window size (as PyTorch and Flax do by default);
+    otherwise by the number of real elements in the window."""
+
+    def reduce(x, dims, steps, pads, n):
+        check_floating("AvgPool", x, "[..., spatial axes, features]")
+        sums = lax.reduce_window(x, 0.0, lax.add, dims, steps, pads)
+        if count_include_pad:
+            return sums / jnp.array(math.prod(dims), x.dtype)
+        # the count of real elements per window, computed with size-1 batch and feature axes
+        # and broadcast over them
+        lead = x.ndim - 1 - n
+        ones = jnp.ones((1,) * lead + x.shape[lead:-1] + (1,), x.dtype)
+        counts = lax.reduce_window(ones, 0.0, lax.add, dims, steps, pads)
+        return sums / counts
+
+    return _pool("AvgPool", window, strides, padding, reduce)
+
+
+def _global(name: str, start_axis: int, reduce) -> Layer:
+    expected = (f"[batch, *spatial, features] (spatial axes from axis {start_axis})"
+                if start_axis >= 0 else f"[..., {-start_axis - 1} spatial axes, features]")
+
+    def axes(x):
+        start = start_axis + x.ndim if start_axis < 0 else start_axis
+        if not hasattr(x, "ndim") or not 0 <= start < x.ndim - 1:
+            raise shape_error(name, expected, x)
+        return tuple(range(start, x.ndim - 1))
+
+    def init(key, x):
+        axes(x)
+        return {}, {}
+
+    def apply(params, state, x, *, key=None, train=False):
+        return reduce(x, axis=axes(x)), state
+
+    return Layer(init, apply, name)
+
+
+def GlobalAvgPool(start_axis: int = 1) -> Layer:
+    """Mean over every spatial axis: ``[*lead, *spatial, C] -> [*lead, C]``. Spatial axes run
+    from ``start_axis`` to the last but one; a negative ``start_axis`` counts from the end
+    (``GlobalAvgPool(-3)`` for ``[..., H, W, C]``, which also works under ``jax.vmap``)."""
+    return _global("GlobalAvgPool", start_axis, jnp.mean)
+
+
+def GlobalMaxPool(start_axis: int = 1) -> Layer:
+    """Maximum over every spatial axis: ``[*lead, *spatial, C] -> [*lead, C]``; axes as in
+    :func:`GlobalAvgPool`."""
+    return _global("GlobalMaxPool", start_axis, jnp.max)

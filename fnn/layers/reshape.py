@@ -1,0 +1,67 @@
+"""Flatten and Reshape.
+
+Both act on the axes from ``start_axis`` on. ``start_axis=1`` (the default) keeps a leading
+batch axis, as in PyTorch; a negative ``start_axis`` counts from the end (``Flatten(-3)``
+flattens the last three axes of ``[..., H, W, C]``), which works for any number of leading batch
+axes and so under ``jax.vmap`` over single examples.
+"""
+
+from __future__ import annotations
+
+import math
+
+from fnn.core import Layer, shape_error
+
+
+def _split_at(name: str, x, start_axis: int, expected: str) -> int:
+    ndim = x.ndim
+    start = start_axis + ndim if start_axis < 0 else start_axis
+    if not 0 <= start <= ndim:
+        raise shape_error(name, expected, x)
+    return start
+
+
+def Flatten(start_axis: int = 1) -> Layer:
+    """Flattens the axes from ``start_axis`` on into one.
+    ``x: [*lead, *rest] -> [*lead, prod(rest)]`` with ``len(lead) == start_axis`` (or
+    ``len(rest) == -start_axis`` for a negative ``start_axis``). Use a negative ``start_axis``
+    (``Flatten(-3)`` for images) to flatten single examples under ``jax.vmap`` correctly."""
+    expected = (f"at least {start_axis} axes" if start_axis >= 0
+                else f"at least {-start_axis} axes")
+
+    def init(key, x):
+        _split_at("Flatten", x, start_axis, expected)
+        return {}, {}
+
+    def apply(params, state, x, *, key=None, train=False):
+        start = _split_at("Flatten", x, start_axis, expected)
+        return x.reshape(x.shape[:start] + (math.prod(x.shape[start:]),)), state
+
+    return Layer(init, apply, "Flatten")
+
+
+def Reshape(shape: tuple[int, ...], start_axis: int = 1) -> Layer:
+    """Reshapes the axes from ``start_axis`` on to ``shape`` (one entry may be ``-1``).
+    ``x: [*lead, *rest] -> [*lead, *shape]`` with ``prod(rest) == prod(shape)``."""
+    shape = tuple(shape)
+    if sum(d == -1 for d in shape) > 1 or any(d < -1 or d == 0 for d in shape):
+        raise ValueError(f"Reshape: shape may hold positive sizes and at most one -1, "
+                         f"got {shape}")
+    known = math.prod(d for d in shape if d != -1)
+
+    def target(x):
+        expected = f"[*lead, *rest] with prod(rest) {'divisible by' if -1 in shape else '=='} {known}"
+        start = _split_at("Reshape", x, start_axis, expected)
+        size = math.prod(x.shape[start:])
+        if (size % known) if -1 in shape else (size != known):
+            raise shape_error("Reshape", expected, x)
+        return x.shape[:start] + tuple(size // known if d == -1 else d for d in shape)
+
+    def init(key, x):
+        target(x)
+        return {}, {}
+
+    def apply(params, state, x, *, key=None, train=False):
+        return x.reshape(target(x)), state
+
+    return Layer(init, apply, "Reshape")

@@ -1,0 +1,35 @@
+"""Multi-layer perceptron."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+from fnn.combinators import serial
+from fnn.core import Layer, check_positive
+from fnn.layers import Dense, Dropout, Flatten, activation as activation_layer
+
+
+def MLP(hidden_sizes: Sequence[int], num_outputs: int, *, activation: str = "relu",
+        dropout: float = 0.0, flatten_axes: int = 0) -> Layer:
+    """``Dense -> activation [-> Dropout]`` per hidden size, then ``Dense(num_outputs)``.
+
+    Shapes: ``x: [..., in_features] -> [..., num_outputs]``; with ``flatten_axes=k`` the last
+    ``k`` axes are flattened first (``flatten_axes=3`` takes images ``[..., H, W, C]``).
+    Params: ``{"dense1": ..., "dense2": ..., "head": ...}``.
+
+    >>> import jax, jax.numpy as jnp
+    >>> params, _ = MLP([32], 10).init(jax.random.key(0), jnp.zeros((1, 64)))
+    >>> jax.tree.map(jnp.shape, params)
+    {'dense1': {'b': (32,), 'w': (64, 32)}, 'head': {'b': (10,), 'w': (32, 10)}}
+    """
+    check_positive("MLP", hidden_sizes=tuple(hidden_sizes), num_outputs=num_outputs)
+    layers: dict[str, Layer] = {}
+    if flatten_axes:
+        layers["flatten"] = Flatten(-flatten_axes)
+    for i, size in enumerate(hidden_sizes, start=1):
+        layers[f"dense{i}"] = Dense(size)
+        layers[f"act{i}"] = activation_layer(activation)
+        if dropout:
+            layers[f"dropout{i}"] = Dropout(dropout)
+    layers["head"] = Dense(num_outputs)
+    return serial(**layers)

@@ -1,0 +1,206 @@
+"""Cross-cutting properties, checked for every public layer, combinator and model.
+
+Each descriptor gives a layer and a batched input. Every descriptor must: give the same result
+under ``jit`` as eagerly; give under ``jax.vmap`` over single examples the same as the batched
+call; have finite gradients; have ``jax.eval_shape`` agree with the real output; run on bfloat16
+inputs; and not recompile a jitted call on new values of the same shape.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import fnn
+from fnn.layers import ACTIVATIONS
+from fnn.models import MLP, LeNet, ResNet
+
+
+@dataclasses.dataclass(frozen=True)
+class Descriptor:
+    name: str
+    make: Callable[[], fnn.Layer]
+    shape: tuple[int, ...]  # batched input shape; the first axis is the batch
+    ints: int = 0  # > 0: integer ids in [0, ints) instead of floats
+    stochastic: bool = False  # uses the key in training
+    batch_stats: bool = False  # train=True mixes examples (BatchNorm), so vmap runs in eval mode
+
+    def __str__(self):
+        return self.name
+
+
+def _input(d: Descriptor, dtype=jnp.float32, seed: int = 1) -> jax.Array:
+    key = jax.random.key(seed)
+    if d.ints:
+        return jax.random.randint(key, d.shape, 0, d.ints)
+    return jax.random.normal(key, d.shape, jnp.float32).astype(dtype)
+
+
+DESCRIPTORS = [
+    Descriptor("Dense", lambda: fnn.Dense(4), (3, 5)),
+    Descriptor("Dense-no-bias", lambda: fnn.Dense(4, use_bias=False), (3, 2, 5)),
+    *[Descriptor(f"activation-{name}", factory, (3, 5)) for name, factory in ACTIVATIONS.items()],
+    Descriptor("Softmax", fnn.Softmax, (3, 5)),
+    Descriptor("LogSoftmax", fnn.LogSoftmax, (3, 5)),
+    Descriptor("Lambda", lambda: fnn.Lambda(jnp.sin, "sin"), (3, 5)),
+    Descriptor("Dropout", lambda: fnn.Dropout(0.3), (3, 5), stochastic=True),
+    Descriptor("Flatten", lambda: fnn.Flatten(-2), (3, 4, 5)),
+    Descriptor("Reshape", lambda: fnn.Reshape((10, 2), start_axis=-2), (3, 4, 5)),
+    Descriptor("Embedding", lambda: fnn.Embedding(11, 4), (3, 6), ints=11),
+    Descriptor("Conv1D", lambda: fnn.Conv(4, 3, strides=2), (2, 9, 3)),
+    Descriptor("Conv2D", lambda: fnn.Conv(4, (3, 3), padding="VALID", dilation=2), (2, 7, 7, 3)),
+    Descriptor("Conv3D", lambda: fnn.Conv(2, (2, 2, 2), padding=1), (2, 4, 4, 4, 2)),
+    Descriptor("Conv-depthwise", lambda: fnn.Conv(6, (3, 3), feature_group_count=3), (2, 5, 5, 3)),
+    Descriptor("ConvTranspose1D", lambda: fnn.ConvTranspose(3, 3, strides=2), (2, 5, 2)),
+    Descriptor("ConvTranspose2D", lambda: fnn.ConvTranspose(3, (3, 3), strides=2,
+                                                            padding="VALID"), (2, 4, 4, 2)),
+    Descriptor("MaxPool1D", lambda: fnn.MaxPool(2), (2, 8, 3)),
+    Descriptor("MaxPool2D", lambda: fnn.MaxPool((3, 3), strides=2, padding="SAME"), (2, 7, 7, 3)),
+    Descriptor("AvgPool2D", lambda: fnn.AvgPool((2, 2), padding=1, count_include_pad=False),
+               (2, 5, 5, 3)),
+    Descriptor("AvgPool3D", lambda: fnn.AvgPool((2, 2, 2)), (2, 4, 4, 4, 2)),
+    Descriptor("GlobalAvgPool", lambda: fnn.GlobalAvgPool(-3), (2, 4, 4, 3)),
+    Descriptor("GlobalMaxPool", lambda: fnn.GlobalMaxPool(-3), (2, 4, 4, 3)),
+    Descriptor("BatchNorm", lambda: fnn.BatchNorm(momentum=0.9), (4, 3, 3, 5), batch_stats=True),
+    Descriptor("LayerNorm", fnn.LayerNorm, (3, 6)),
+    Descriptor("RMSNorm", fnn.RMSNorm, (3, 6)),
+    Descriptor("GroupNorm", lambda: fnn.GroupNorm(2, start_axis=-3), (2, 3, 3, 4)),
+    Descriptor("serial", lambda: fnn.serial(fnn.Dense(8), fnn.Relu(), head=fnn.Dense(3)), (3, 5)),
+    Descriptor("branch-concat", lambda: fnn.branch(fnn.Dense(2), fnn.Tanh()), (3, 5)),
+    Descriptor("branch-add", lambda: fnn.branch(fnn.Dense(5), fnn.Identity(), combine="add"),
+               (3, 5)),
+    Descriptor("residual", lambda: fnn.residual(fnn.serial(fnn.Dense(5), fnn.Gelu())), (3, 5)),
+    Descriptor("residual-shortcut", lambda: fnn.residual(fnn.Dense(4), fnn.Dense(4)), (3, 5)),
+    Descriptor("named", lambda: fnn.named("encoder", fnn.Dense(3)), (3, 5)),
+    Descriptor("tied", lambda: fnn.tied(fnn.Embedding(9, 4), fnn.Dense(4)), (3, 6), ints=9),
+    Descriptor("MLP", lambda: MLP([8, 8], 3, dropout=0.2), (3, 5), stochastic=True),
+    Descriptor("LeNet", lambda: LeNet(10, features=(4, 8), kernel_size=3, hidden=16,
+                                      dropout=0.5), (2, 8, 8, 1), stochastic=True),
+    Descriptor("ResNet-basic", lambda: ResNet((1, 1), num_classes=3, width=4, stem="small"),
+               (2, 8, 8, 1), batch_stats=True),
+    Descriptor("ResNet-bottleneck", lambda: ResNet((1, 1), block="bottleneck", num_classes=3,
+                                                   width=4), (2, 16, 16, 3), batch_stats=True),
+]
+
+
+def _setup(d: Descriptor, dtype=jnp.float32):
+    layer = d.make()
+    x = _input(d, dtype)
+    params, state = layer.init(jax.random.key(0), jax.ShapeDtypeStruct(x.shape, x.dtype))
+    return layer, params, state, x
+
+
+def _assert_trees_close(a, b, **tol):
+    jax.tree.map(lambda u, v: np.testing.assert_allclose(np.asarray(u, np.float32),
+                                                         np.asarray(v, np.float32), **tol), a, b)
+
+
+@pytest.mark.parametrize("d", DESCRIPTORS, ids=str)
+@pytest.mark.parametrize("train", [False, True])
+def test_jit_equals_eager(d, train):
+    layer, params, state, x = _setup(d)
+    key = jax.random.key(3) if train else None
+    apply = lambda p, s, x, k: layer.apply(p, s, x, key=k, train=train)  # noqa: E731
+    eager = apply(params, state, x, key)
+    jitted = jax.jit(apply)(params, state, x, key)
+    _assert_trees_close(eager, jitted, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("d", DESCRIPTORS, ids=str)
+def test_vmap_over_examples_equals_batched_call(d):
+    layer, params, state, x = _setup(d)
+    # Training-mode layers that mix examples (BatchNorm) are compared in evaluation mode;
+    # stochastic layers with one key shared by all examples would draw different masks, so
+    # they too are compared in evaluation mode.
+    apply = lambda x: layer.apply(params, state, x)[0]  # noqa: E731
+    batched = jax.jit(apply)(x)
+    per_example = jax.jit(jax.vmap(apply))(x)
+    np.testing.assert_allclose(np.asarray(per_example), np.asarray(batched), rtol=1e-5,
+                               atol=1e-6)
+
+
+@pytest.mark.parametrize("d", DESCRIPTORS, ids=str)
+def test_gradients_are_finite_and_nonzero(d):
+    layer, params, state, x = _setup(d)
+
+    def loss(params, x):
+        y, _ = layer.apply(params, state, x, key=jax.random.key(3), train=True)
+        return jnp.sum(jnp.square(y.astype(jnp.float32)))
+
+    grads = jax.jit(jax.grad(loss, argnums=0 if d.ints else (0, 1)))(params, x)
+    leaves = jax.tree.leaves(grads)
+    assert leaves, "no gradient leaves"
+    for g in leaves:
+        assert np.all(np.isfinite(np.asarray(g)))
+    assert any(np.any(np.asarray(g) != 0) for g in leaves)
+
+
+@pytest.mark.parametrize("d", DESCRIPTORS, ids=str)
+@pytest.mark.parametrize("train", [False, True])
+def test_eval_shape_agrees_with_apply(d, train):
+    layer, params, state, x = _setup(d)
+    key = jax.random.key(3) if train else None
+    apply = lambda p, s, x: layer.apply(p, s, x, key=key, train=train)  # noqa: E731
+    spec = jax.eval_shape(apply, params, state, x)
+    real = jax.jit(apply)(params, state, x)
+    assert jax.tree.structure(spec) == jax.tree.structure(real)
+    for s, r in zip(jax.tree.leaves(spec), jax.tree.leaves(real)):
+        assert (s.shape, s.dtype) == (r.shape, r.dtype)
+    # state comes back with the structure it went in with
+    assert jax.tree.structure(real[1]) == jax.tree.structure(state)
+
+
+@pytest.mark.parametrize("d", [d for d in DESCRIPTORS if not d.ints], ids=str)
+def test_bfloat16_inputs_run_in_bfloat16(d):
+    layer, params, state, x32 = _setup(d)
+    x16 = x32.astype(jnp.bfloat16)
+    apply = jax.jit(lambda x: layer.apply(params, state, x)[0])
+    y16, y32 = apply(x16), apply(x32)
+    assert y16.dtype == jnp.bfloat16
+    assert y16.shape == y32.shape
+    y16 = np.asarray(y16, np.float32)
+    assert np.all(np.isfinite(y16))
+    scale = max(1.0, float(np.max(np.abs(np.asarray(y32)))))
+    np.testing.assert_allclose(y16, np.asarray(y32), atol=0.1 * scale, rtol=0.1)
+
+
+@pytest.mark.parametrize("d", DESCRIPTORS, ids=str)
+def test_jitted_step_does_not_recompile(d):
+    layer, params, state, x = _setup(d)
+
+    @jax.jit
+    def step(params, state, x, key):
+        def loss(p):
+            y, new_state = layer.apply(p, state, x, key=key, train=True)
+            return jnp.mean(jnp.square(y.astype(jnp.float32))), new_state
+        grads, new_state = jax.grad(loss, has_aux=True)(params)
+        return jax.tree.map(lambda p, g: p - 0.01 * g, params, grads), new_state
+
+    params, state = step(params, state, x, jax.random.key(1))
+    params, state = step(params, state, _input(d, seed=2), jax.random.key(2))
+    assert step._cache_size() == 1
+
+
+def test_every_public_layer_has_a_descriptor():
+    covered = {d.name.split("-")[0].rstrip("123D") for d in DESCRIPTORS}
+    covered |= {"Identity", "Relu", "Relu6", "LeakyRelu", "Elu", "Celu", "Selu", "Gelu", "Silu",
+                "Mish", "Tanh", "HardTanh", "Sigmoid", "Softplus"}  # the activation-* rows
+    public = {name for name in fnn.layers.__all__ if name[0].isupper() and name != "ACTIVATIONS"}
+    public |= {"serial", "branch", "residual", "named", "tied"}
+    assert public <= covered, f"layers without a descriptor: {public - covered}"
+
+
+@pytest.mark.parametrize("d", DESCRIPTORS, ids=str)
+def test_every_layer_documents_its_shapes(d):
+    if d.name.startswith("activation-"):
+        factory = ACTIVATIONS[d.name.split("-", 1)[1]]
+    else:
+        name = d.name.split("-")[0].rstrip("123D")
+        factory = getattr(fnn, name, None) or getattr(fnn.models, name)
+    doc = factory.__doc__ or ""
+    assert "->" in doc or "[" in doc, f"{factory.__name__} has no shapes in its docstring"

@@ -70,6 +70,10 @@ DESCRIPTORS = [
     Descriptor("LayerNorm", fnn.LayerNorm, (3, 6)),
     Descriptor("RMSNorm", fnn.RMSNorm, (3, 6)),
     Descriptor("GroupNorm", lambda: fnn.GroupNorm(2, start_axis=-3), (2, 3, 3, 4)),
+    Descriptor("SimpleRNN", lambda: fnn.RNN(fnn.SimpleRNN(4)), (2, 5, 3)),
+    Descriptor("LSTM", lambda: fnn.RNN(fnn.LSTM(4)), (2, 5, 3)),
+    Descriptor("GRU", lambda: fnn.RNN(fnn.GRU(4), reverse=True), (2, 5, 3)),
+    Descriptor("Bidirectional", lambda: fnn.Bidirectional(fnn.LSTM(4), fnn.GRU(3)), (2, 5, 3)),
     Descriptor("serial", lambda: fnn.serial(fnn.Dense(8), fnn.Relu(), head=fnn.Dense(3)), (3, 5)),
     Descriptor("branch-concat", lambda: fnn.branch(fnn.Dense(2), fnn.Tanh()), (3, 5)),
     Descriptor("branch-add", lambda: fnn.branch(fnn.Dense(5), fnn.Identity(), combine="add"),
@@ -190,8 +194,10 @@ def test_every_public_layer_has_a_descriptor():
     covered = {d.name.split("-")[0].rstrip("123D") for d in DESCRIPTORS}
     covered |= {"Identity", "Relu", "Relu6", "LeakyRelu", "Elu", "Celu", "Selu", "Gelu", "Silu",
                 "Mish", "Tanh", "HardTanh", "Sigmoid", "Softplus"}  # the activation-* rows
+    covered.add("RNN")  # the SimpleRNN, LSTM and GRU rows run their cells through RNN
     public = {name for name in fnn.layers.__all__ if name[0].isupper() and name != "ACTIVATIONS"}
     public |= {"serial", "branch", "residual", "named", "tied"}
+
     assert public <= covered, f"layers without a descriptor: {public - covered}"
 
 

@@ -34,6 +34,11 @@ from fnn.layers.pooling import AvgPool as AvgPool
 from fnn.layers.pooling import GlobalAvgPool as GlobalAvgPool
 from fnn.layers.pooling import GlobalMaxPool as GlobalMaxPool
 from fnn.layers.pooling import MaxPool as MaxPool
+from fnn.layers.recurrent import GRU as GRU
+from fnn.layers.recurrent import LSTM as LSTM
+from fnn.layers.recurrent import RNN as RNN
+from fnn.layers.recurrent import Bidirectional as Bidirectional
+from fnn.layers.recurrent import SimpleRNN as SimpleRNN
 from fnn.layers.reshape import Flatten as Flatten
 from fnn.layers.reshape import Reshape as Reshape
 
@@ -72,6 +77,11 @@ __all__ = [
     "GlobalAvgPool",
     "GlobalMaxPool",
     "MaxPool",
+    "GRU",
+    "LSTM",
+    "RNN",
+    "Bidirectional",
+    "SimpleRNN",
     "Flatten",
     "Reshape",
 ]

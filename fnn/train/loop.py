@@ -81,8 +81,8 @@ def fit(model: Layer, optimizer: optax.GradientTransformation, data: Split, loss
         row["seconds"] = round(time.perf_counter() - start, 3)
         history.append(row)
         bar.set_postfix({"epoch": epoch, "loss": f"{row['train_loss']:.4f}"}
-                        | {f"test_{k[5:9]}": f"{v:.4f}" for k, v in row.items()
-                           if k.startswith("test_")}, refresh=True)
+                        | {k: f"{v:.4f}" for k, v in row.items() if k.startswith("test_")},
+                        refresh=True)
         if on_epoch is not None:
             on_epoch(row)
     bar.close()

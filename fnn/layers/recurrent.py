@@ -1,0 +1,473 @@
+"""Recurrent layers: the cells ``SimpleRNN``, ``LSTM`` and ``GRU``, the time loop ``RNN`` and
+``Bidirectional``.
+
+A *cell* describes one time step; :func:`RNN` turns any cell into a layer that runs it over a
+sequence with one ``lax.scan``. Layouts are batch-major: ``x: [..., time, features]`` with any
+number of leading batch axes (none included, so ``jax.vmap`` over single examples works).
+
+The cell contract
+-----------------
+
+A cell is a :class:`Cell` NamedTuple built by a factory (``LSTM(64)``)::
+
+    params = cell.init(key, x)                      # x: array or ShapeDtypeStruct [..., in]
+    projected = cell.project(params, x)             # [..., in] -> [..., gates]
+    carry, h = cell.recur(params, carry, projected_t)   # one step: [..., gates] -> [..., hidden]
+    carry, h = cell.step(params, carry, x_t)        # = recur(params, carry, project(params, x_t))
+    carry = cell.initial_carry(batch_shape, dtype)  # zeros
+    cell.in_features(params)                        # the input size the params expect
+
+The split between ``project`` and ``recur`` is what makes the layers fast: :func:`RNN` computes
+the input projections of *all* time steps as one matrix product before the scan
+(``[..., time, in] @ w_i -> [..., time, gates]``), and only the recurrent product
+``h @ w_h`` is left inside the loop. ``project`` also adds the biases that do not depend on
+``h``. A custom cell only has to provide these five functions to work with :func:`RNN` and
+:func:`Bidirectional`.
+
+The carry is a small NamedTuple: :class:`LSTMCarry` ``(h, c)`` for the LSTM and
+:class:`RNNCarry` ``(h,)`` for the simple RNN and the GRU, every field ``[..., hidden]``. The
+output of a step is the new ``h``.
+
+Weight layout and equations (``x @ w`` convention, gates side by side along the last axis)
+---------------------------------------------------------------------------------------------
+
+``SimpleRNN``: params ``{"w_i": [in, H], "w_h": [H, H], "b": [H]}``::
+
+    h' = tanh(x @ w_i + h @ w_h + b)                  (the activation can be changed)
+
+``LSTM``: params ``{"w_i": [in, 4H], "w_h": [H, 4H], "b": [4H]}``, gates ordered
+**i, f, g, o** (input, forget, cell candidate, output; PyTorch's order)::
+
+    i, f, g, o = split(x @ w_i + h @ w_h + b, 4)
+    c' = sigmoid(f) * c + sigmoid(i) * tanh(g)
+    h' = sigmoid(o) * tanh(c')
+
+The forget-gate slice of ``b`` starts at ``forget_bias=1.0`` (the rest at zero), so that the
+cell remembers by default. From PyTorch's ``nn.LSTM``: ``w_i = weight_ih.T``,
+``w_h = weight_hh.T``, ``b = bias_ih + bias_hh``.
+
+``GRU``: params ``{"w_i": [in, 3H], "w_h": [H, 3H], "b": [3H], "b_hn": [H]}``, gates ordered
+**r, z, n** (reset, update, candidate), PyTorch's formulation (the reset gate multiplies the
+recurrent term *after* its product)::
+
+    x_r, x_z, x_n = split(x @ w_i + b, 3)
+    h_r, h_z, h_n = split(h @ w_h, 3)
+    r = sigmoid(x_r + h_r);  z = sigmoid(x_z + h_z)
+    n = tanh(x_n + r * (h_n + b_hn))
+    h' = (1 - z) * n + z * h
+
+From PyTorch's ``nn.GRU``: ``w_i = weight_ih.T``, ``w_h = weight_hh.T``,
+``b = bias_ih + concat(bias_hh[:2H], zeros(H))``, ``b_hn = bias_hh[2H:]``.
+
+Initialisation: input weights ``w_i`` LeCun normal (variance ``1 / in``); recurrent weights
+``w_h`` orthogonal, one ``[H, H]`` block per gate; biases zero (plus the LSTM forget bias).
+Every factory takes ``w_i_init``, ``w_h_init`` (called once per gate with shape ``(H, H)``) and
+``b_init`` as any ``jax.nn.initializers`` function.
+
+Dtypes: ``param_dtype`` is the storage dtype, ``dtype`` the compute dtype (default: the input's,
+``param_dtype`` for integer inputs). Parameters are cast to the compute dtype and the carry is
+kept in it, so bfloat16 inputs run in bfloat16.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.nn import initializers
+
+from fnn.core import (Layer, LayerError, Params, ShapeError, align, apply_child, check_positive,
+                      check_rank, compute_dtype, describe, init_child, put, shape_error, where)
+
+Initializer = jax.nn.initializers.Initializer
+Carry = Any  # a NamedTuple of arrays [..., hidden]
+
+
+class RNNCarry(NamedTuple):
+    """The carry of :func:`SimpleRNN` and :func:`GRU`: the hidden state ``h: [..., hidden]``."""
+
+    h: jax.Array
+
+
+class LSTMCarry(NamedTuple):
+    """The carry of :func:`LSTM`: hidden state ``h`` and cell state ``c``, both
+    ``[..., hidden]``."""
+
+    h: jax.Array
+    c: jax.Array
+
+
+class Cell(NamedTuple):
+    """One recurrent step, split into an input projection and a recurrence (see the module
+    docstring for the contract). Run it over a sequence with :func:`RNN`."""
+
+    init: Callable[[jax.Array, Any], Params]
+    """``params = init(key, x)``; ``x`` an array or ``jax.ShapeDtypeStruct`` ``[..., in]``."""
+    project: Callable[[Params, jax.Array], jax.Array]
+    """``[..., in] -> [..., gates]``: the part of a step that does not depend on the carry."""
+    recur: Callable[[Params, Carry, jax.Array], tuple[Carry, jax.Array]]
+    """``carry, h = recur(params, carry, projected_t)`` with ``projected_t: [..., gates]``."""
+    initial_carry: Callable[..., Carry]
+    """``initial_carry(batch_shape, dtype=float32)``: the zero carry."""
+    in_features: Callable[[Params], int]
+    """The size of the input's last axis that ``params`` expect."""
+    name: str = "Cell"
+    hidden_size: int = 0
+
+    def step(self, params: Params, carry: Carry, x_t: jax.Array) -> tuple[Carry, jax.Array]:
+        """One time step on ``x_t: [..., in]``: ``recur(params, carry, project(params, x_t))``."""
+        return self.recur(params, carry, self.project(params, x_t))
+
+
+# ============================================================================= cells
+
+def _init_weights(name: str, key: jax.Array, x: Any, hidden_size: int, gates: int,
+                  w_i_init: Initializer, w_h_init: Initializer, b_init: Initializer,
+                  param_dtype: Any) -> Params:
+    check_rank(name, x, 1, "[..., in_features]")
+    i_key, h_key, b_key = jax.random.split(key, 3)
+    # orthogonal init runs a QR decomposition, which needs at least float32
+    h_dtype = param_dtype if jnp.dtype(param_dtype).itemsize >= 4 else jnp.float32
+    w_h = jnp.concatenate([w_h_init(k, (hidden_size, hidden_size), h_dtype)
+                           for k in jax.random.split(h_key, gates)], axis=1).astype(param_dtype)
+    return {"w_i": w_i_init(i_key, (x.shape[-1], gates * hidden_size), param_dtype),
+            "w_h": w_h,
+            "b": b_init(b_key, (gates * hidden_size,), param_dtype)}
+
+
+def _projector(name: str, dtype: Any, param_dtype: Any) -> Callable[[Params, jax.Array], jax.Array]:
+    """``x @ w_i + b`` in the compute dtype, for inputs ``[..., in]``."""
+
+    def project(params, x):
+        w = params["w_i"]
+        if jnp.ndim(x) < 1 or x.shape[-1] != w.shape[0]:
+            raise shape_error(name, f"[..., {w.shape[0]}]", x)
+        dt = compute_dtype(dtype, x, param_dtype)
+        y = jnp.matmul(x.astype(dt), w.astype(dt))
+        return y + align(params["b"].astype(dt), y.ndim)
+
+    return project
+
+
+def _zeros(fields: int, hidden_size: int, carry_type: type) -> Callable[..., Carry]:
+    def initial_carry(batch_shape=(), dtype=jnp.float32):
+        shape = tuple(batch_shape) + (hidden_size,)
+        return carry_type(*(jnp.zeros(shape, dtype) for _ in range(fields)))
+    return initial_carry
+
+
+def _in_features(params: Params) -> int:
+    return params["w_i"].shape[0]
+
+
+def SimpleRNN(hidden_size: int, *, activation: Callable[[jax.Array], jax.Array] = jnp.tanh,
+              w_i_init: Initializer = initializers.lecun_normal(),
+              w_h_init: Initializer = initializers.orthogonal(),
+              b_init: Initializer = initializers.zeros,
+              param_dtype: Any = jnp.float32, dtype: Any = None) -> Cell:
+    """The Elman cell ``h' = activation(x @ w_i + h @ w_h + b)``, a :class:`Cell` for
+    :func:`RNN`.
+
+    Shapes: ``x_t: [..., in_features] -> h: [..., hidden_size]``; carry
+    ``RNNCarry(h)``; params ``{"w_i": [in_features, hidden_size],
+    "w_h": [hidden_size, hidden_size], "b": [hidden_size]}``.
+
+    >>> import jax, jax.numpy as jnp
+    >>> params = SimpleRNN(4).init(jax.random.key(0), jnp.zeros((2, 3)))
+    >>> jax.tree.map(jnp.shape, params)
+    {'b': (4,), 'w_h': (4, 4), 'w_i': (3, 4)}
+    """
+    check_positive("SimpleRNN", hidden_size=hidden_size)
+
+    def init(key, x):
+        return _init_weights("SimpleRNN", key, x, hidden_size, 1, w_i_init, w_h_init, b_init,
+                             param_dtype)
+
+    def recur(params, carry, p):
+        dt = p.dtype
+        h = activation(p + jnp.matmul(carry.h.astype(dt), params["w_h"].astype(dt)))
+        return RNNCarry(h), h
+
+    return Cell(init, _projector("SimpleRNN", dtype, param_dtype), recur,
+                _zeros(1, hidden_size, RNNCarry), _in_features, "SimpleRNN", hidden_size)
+
+
+def LSTM(hidden_size: int, *, forget_bias: float = 1.0,
+         w_i_init: Initializer = initializers.lecun_normal(),
+         w_h_init: Initializer = initializers.orthogonal(),
+         b_init: Initializer = initializers.zeros,
+         param_dtype: Any = jnp.float32, dtype: Any = None) -> Cell:
+    """The long short-term memory cell, a :class:`Cell` for :func:`RNN`.
+
+    Shapes: ``x_t: [..., in_features] -> h: [..., hidden_size]``; carry
+    ``LSTMCarry(h, c)``; params ``{"w_i": [in_features, 4 * hidden_size],
+    "w_h": [hidden_size, 4 * hidden_size], "b": [4 * hidden_size]}``, gates ordered i, f, g, o
+    (see the module docstring for the equations). The forget-gate slice of ``b`` starts at
+    ``forget_bias`` (added to ``b_init``'s values).
+
+    >>> import jax, jax.numpy as jnp
+    >>> params = LSTM(4).init(jax.random.key(0), jnp.zeros((2, 3)))
+    >>> jax.tree.map(jnp.shape, params)
+    {'b': (16,), 'w_h': (4, 16), 'w_i': (3, 16)}
+    >>> params["b"].reshape(4, 4)[:, 0]  # gates i, f, g, o
+    Array([0., 1., 0., 0.], dtype=float32)
+    """
+    check_positive("LSTM", hidden_size=hidden_size)
+    n = hidden_size
+
+    def init(key, x):
+        params = _init_weights("LSTM", key, x, n, 4, w_i_init, w_h_init, b_init, param_dtype)
+        params["b"] = params["b"].at[n:2 * n].add(forget_bias)
+        return params
+
+    def recur(params, carry, p):
+        dt = p.dtype
+        h, c = carry.h.astype(dt), carry.c.astype(dt)
+        z = p + jnp.matmul(h, params["w_h"].astype(dt))
+        i, f, g, o = jnp.split(z, 4, axis=-1)
+        c = jax.nn.sigmoid(f) * c + jax.nn.sigmoid(i) * jnp.tanh(g)
+        h = jax.nn.sigmoid(o) * jnp.tanh(c)
+        return LSTMCarry(h, c), h
+
+    return Cell(init, _projector("LSTM", dtype, param_dtype), recur,
+                _zeros(2, n, LSTMCarry), _in_features, "LSTM", n)
+
+
+def GRU(hidden_size: int, *,
+        w_i_init: Initializer = initializers.lecun_normal(),
+        w_h_init: Initializer = initializers.orthogonal(),
+        b_init: Initializer = initializers.zeros,
+        param_dtype: Any = jnp.float32, dtype: Any = None) -> Cell:
+    """The gated recurrent unit in PyTorch's formulation, a :class:`Cell` for :func:`RNN`.
+
+    Shapes: ``x_t: [..., in_features] -> h: [..., hidden_size]``; carry ``RNNCarry(h)``;
+    params ``{"w_i": [in_features, 3 * hidden_size], "w_h": [hidden_size, 3 * hidden_size],
+    "b": [3 * hidden_size], "b_hn": [hidden_size]}``, gates ordered r, z, n; ``b_hn`` is the
+    bias of the recurrent candidate term, inside the reset gate (see the module docstring).
+
+    >>> import jax, jax.numpy as jnp
+    >>> params = GRU(4).init(jax.random.key(0), jnp.zeros((2, 3)))
+    >>> jax.tree.map(jnp.shape, params)
+    {'b': (12,), 'b_hn': (4,), 'w_h': (4, 12), 'w_i': (3, 12)}
+    """
+    check_positive("GRU", hidden_size=hidden_size)
+    n = hidden_size
+
+    def init(key, x):
+        params = _init_weights("GRU", key, x, n, 3, w_i_init, w_h_init, b_init, param_dtype)
+        params["b_hn"] = b_init(jax.random.fold_in(key, 3), (n,), param_dtype)
+        return params
+
+    def recur(params, carry, p):
+        dt = p.dtype
+        h = carry.h.astype(dt)
+        hh = jnp.matmul(h, params["w_h"].astype(dt))
+        x_r, x_z, x_n = jnp.split(p, 3, axis=-1)
+        h_r, h_z, h_n = jnp.split(hh, 3, axis=-1)
+        r = jax.nn.sigmoid(x_r + h_r)
+        z = jax.nn.sigmoid(x_z + h_z)
+        cand = jnp.tanh(x_n + r * (h_n + align(params["b_hn"].astype(dt), h_n.ndim)))
+        h = (1 - z) * cand + z * h
+        return RNNCarry(h), h
+
+    return Cell(init, _projector("GRU", dtype, param_dtype), recur,
+                _zeros(1, n, RNNCarry), _in_features, "GRU", n)
+
+
+# ============================================================================= the time loop
+
+def _split_input(name: str, x: Any) -> tuple[Any, Any, bool]:
+    """``x`` or ``(x, lengths)`` -> ``(x, lengths or None, given_as_tuple)``."""
+    if isinstance(x, (tuple, list)):
+        if len(x) != 2:
+            raise LayerError(f"{where(name)}: expected input x [..., time, features] or a tuple "
+                             f"(x, lengths), got a {type(x).__name__} of {len(x)} items")
+        return x[0], x[1], True
+    return x, None, False
+
+
+def _check_sequence(name: str, x: Any, lengths: Any, in_features: int | None) -> None:
+    expected = f"[..., time, {'in_features' if in_features is None else in_features}]"
+    if not hasattr(x, "shape") or len(x.shape) < 2:
+        raise shape_error(name, expected, x)
+    if in_features is not None and x.shape[-1] != in_features:
+        raise shape_error(name, expected, x)
+    if lengths is not None:
+        batch = tuple(x.shape[:-2])
+        if (not hasattr(lengths, "shape") or tuple(lengths.shape) != batch
+                or not jnp.issubdtype(lengths.dtype, jnp.integer)):
+            raise ShapeError(f"{where(name)}: expected lengths int[{', '.join(map(str, batch))}] "
+                             f"(the batch axes of the input {describe(x)}), got "
+                             f"{describe(lengths)}")
+
+
+def _expand(mask: jax.Array, ndim: int) -> jax.Array:
+    """``mask: [*batch]`` with trailing size-1 axes up to rank ``ndim``."""
+    return mask.reshape(mask.shape + (1,) * (ndim - mask.ndim))
+
+
+def _check_unroll(name: str, unroll: Any) -> None:
+    if not isinstance(unroll, bool):
+        check_positive(name, unroll=unroll)
+
+
+def _run(cell: Cell, params: Params, x: jax.Array, lengths: jax.Array | None, *, reverse: bool,
+         unroll: int | bool) -> tuple[jax.Array, Carry]:
+    """Runs ``cell`` over ``x: [..., time, in]``; returns outputs ``[..., time, hidden]`` and the
+    final carry."""
+    projected = cell.project(params, x)  # all time steps in one matrix product
+    dt = projected.dtype
+    # cast once, outside the loop: inside, recur's casts are no-ops
+    params = jax.tree.map(lambda a: a.astype(dt) if jnp.issubdtype(a.dtype, jnp.floating) else a,
+                          params)
+    carry = cell.initial_carry(tuple(x.shape[:-2]), dt)
+    steps = x.shape[-2]
+    projected = jnp.moveaxis(projected, -2, 0)  # time-major for the scan: [time, ..., gates]
+
+    def recur(carry, p_t):
+        new, y = cell.recur(params, carry, p_t)
+        return jax.tree.map(lambda n, o: n.astype(o.dtype), new, carry), y
+
+    if lengths is None:
+        carry, ys = lax.scan(recur, carry, projected, reverse=reverse, unroll=unroll)
+    else:
+        lengths = lengths.astype(jnp.int32)
+
+        # Step t only counts where t < length: past its end a sequence keeps its carry and
+        # outputs zeros. In reverse the scan runs t = time-1 .. 0, so each sequence keeps the
+        # initial carry through its padding and starts at its own last valid element.
+        def masked(carry, inputs):
+            p_t, t = inputs
+            new, y = recur(carry, p_t)
+            valid = t < lengths
+            new = jax.tree.map(lambda n, o: jnp.where(_expand(valid, n.ndim), n, o), new, carry)
+            y = jnp.where(_expand(valid, y.ndim), y, jnp.zeros_like(y))
+            return new, y
+
+        carry, ys = lax.scan(masked, carry, (projected, jnp.arange(steps, dtype=jnp.int32)),
+                             reverse=reverse, unroll=unroll)
+    return jnp.moveaxis(ys, 0, -2), carry
+
+
+def RNN(cell: Cell, *, reverse: bool = False, unroll: int | bool = 1,
+        return_carry: bool = False) -> Layer:
+    """Runs a recurrent ``cell`` (:func:`LSTM`, :func:`GRU`, :func:`SimpleRNN`, or any
+    :class:`Cell`) over a sequence with one ``lax.scan``.
+
+    Shapes: ``x: [..., time, in_features] -> [..., time, hidden_size]``, every output step
+    (any number of leading batch axes, none included). Params are the cell's own, e.g.
+    ``{"w_i", "w_h", "b"}`` for an LSTM; no state. The input projection of all steps is one
+    matrix product before the scan; only ``h @ w_h`` runs in the loop.
+
+    - ``reverse=True`` runs from the last step to the first; outputs keep the input's order.
+    - ``unroll``: steps per scan iteration (``lax.scan``'s ``unroll``); same results.
+    - Lengths: pass ``(x, lengths)`` with ``lengths: int[...]`` (the batch axes). Past each
+      sequence's end the carry stops updating and the outputs are zero; the final carry is the
+      one at the sequence's end. In reverse, each sequence runs from its own last valid step
+      back to its first (the padding stays at the end). A tuple input gives a tuple output
+      ``(outputs, lengths)``, so ``fnn.serial(RNN(LSTM(64)), RNN(LSTM(64)))`` stacks with or
+      without lengths.
+    - ``return_carry=True`` returns ``(y, carry)``, ``y`` being what is returned otherwise
+      (``outputs`` or ``(outputs, lengths)``) and ``carry`` the final carry
+      (e.g. ``LSTMCarry(h, c)``, each ``[..., hidden_size]``; for ``reverse`` the carry after
+      the first step).
+
+    >>> import jax, jax.numpy as jnp
+    >>> layer = RNN(LSTM(4))
+    >>> x = jnp.zeros((2, 7, 3))
+    >>> params, state = layer.init(jax.random.key(0), x)
+    >>> jax.tree.map(jnp.shape, params)
+    {'b': (16,), 'w_h': (4, 16), 'w_i': (3, 16)}
+    >>> y, state = layer.apply(params, state, (x, jnp.array([7, 3])))
+    >>> y[0].shape, y[1].tolist()
+    ((2, 7, 4), [7, 3])
+    """
+    if not isinstance(cell, Cell):
+        raise TypeError(f"RNN: cell must be a Cell (LSTM(64), GRU(64), SimpleRNN(64), ...), got "
+                        f"{type(cell).__name__}")
+    name = cell.name
+    _check_unroll(name, unroll)
+
+    def init(key, x):
+        x, lengths, _ = _split_input(name, x)
+        _check_sequence(name, x, lengths, None)
+        return cell.init(key, x), {}
+
+    def apply(params, state, x, *, key=None, train=False):
+        x, lengths, packed = _split_input(name, x)
+        if lengths is not None:
+            lengths = jnp.asarray(lengths)
+        _check_sequence(name, x, lengths, cell.in_features(params))
+        outputs, carry = _run(cell, params, x, lengths, reverse=reverse, unroll=unroll)
+        y = (outputs, lengths) if packed else outputs
+        return ((y, carry) if return_carry else y), state
+
+    return Layer(init, apply, name)
+
+
+_COMBINE: dict[str, Callable[[jax.Array, jax.Array], Any]] = {
+    "concat": lambda f, b: jnp.concatenate([f, b], axis=-1),
+    "add": lambda f, b: f + b,
+    "tuple": lambda f, b: (f, b),
+}
+
+
+def Bidirectional(forward_cell: Cell, backward_cell: Cell | None = None, *,
+                  combine: str | Callable[[jax.Array, jax.Array], Any] = "concat",
+                  unroll: int | bool = 1, return_carry: bool = False) -> Layer:
+    """Runs ``RNN(forward_cell)`` and ``RNN(backward_cell, reverse=True)`` on the same sequence
+    and combines their outputs.
+
+    Shapes: ``x: [..., time, in_features] -> [..., time, 2 * hidden_size]`` for
+    ``combine="concat"`` (forward first); ``"add"`` gives ``[..., time, hidden_size]``,
+    ``"tuple"`` the pair ``(forward, backward)``, and a function ``combine(forward, backward)``
+    anything. ``backward_cell`` defaults to a cell like ``forward_cell`` (with its own params).
+    Params: ``{"forward": ..., "backward": ...}``, each the cell's params.
+
+    Lengths are taken as by :func:`RNN`: ``(x, lengths)`` in gives ``(y, lengths)`` out, and the
+    backward direction starts at each sequence's own last valid step. ``return_carry=True``
+    returns ``(y, (forward_carry, backward_carry))``.
+
+    >>> import jax, jax.numpy as jnp
+    >>> layer = Bidirectional(GRU(4))
+    >>> params, state = layer.init(jax.random.key(0), jnp.zeros((2, 7, 3)))
+    >>> sorted(params), layer.apply(params, state, jnp.zeros((2, 7, 3)))[0].shape
+    (['backward', 'forward'], (2, 7, 8))
+    """
+    backward_cell = forward_cell if backward_cell is None else backward_cell
+    for which, cell in (("forward_cell", forward_cell), ("backward_cell", backward_cell)):
+        if not isinstance(cell, Cell):
+            raise TypeError(f"Bidirectional: {which} must be a Cell (LSTM(64), GRU(64), ...), not "
+                            f"a layer; got {type(cell).__name__}")
+    if callable(combine):
+        combine_fn = combine
+    elif combine in _COMBINE:
+        combine_fn = _COMBINE[combine]
+    else:
+        raise ValueError(f"Bidirectional: combine must be one of {sorted(_COMBINE)} or a "
+                         f"function, got {combine!r}")
+    children = [("forward", RNN(forward_cell, unroll=unroll, return_carry=True)),
+                ("backward", RNN(backward_cell, reverse=True, unroll=unroll, return_carry=True))]
+
+    def init(key, x):
+        _split_input("Bidirectional", x)
+        params = {}
+        for i, (child_name, child) in enumerate(children):
+            p, _, _ = init_child(child_name, child, jax.random.fold_in(key, i), x)
+            put(params, child_name, p)
+        return params, {}
+
+    def apply(params, state, x, *, key=None, train=False):
+        _, lengths, packed = _split_input("Bidirectional", x)
+        outputs, carries = [], []
+        for child_name, child in children:
+            (y, carry), _ = apply_child(child_name, child, params, {}, x, key=None, train=train)
+            outputs.append(y[0] if packed else y)
+            carries.append(carry)
+        y = combine_fn(*outputs)
+        y = (y, jnp.asarray(lengths)) if packed else y
+        return ((y, tuple(carries)) if return_carry else y), state
+
+    return Layer(init, apply, "Bidirectional")

@@ -19,6 +19,10 @@ from fnn.layers.activations import Softmax as Softmax
 from fnn.layers.activations import Softplus as Softplus
 from fnn.layers.activations import Tanh as Tanh
 from fnn.layers.activations import activation as activation
+from fnn.layers.attention import AttentionInput as AttentionInput
+from fnn.layers.attention import MultiHeadAttention as MultiHeadAttention
+from fnn.layers.attention import apply_rope as apply_rope
+from fnn.layers.attention import init_cache as init_cache
 from fnn.layers.conv import Conv as Conv
 from fnn.layers.conv import ConvTranspose as ConvTranspose
 from fnn.layers.dense import Dense as Dense
@@ -62,6 +66,10 @@ __all__ = [
     "Softplus",
     "Tanh",
     "activation",
+    "AttentionInput",
+    "MultiHeadAttention",
+    "apply_rope",
+    "init_cache",
     "Conv",
     "ConvTranspose",
     "Dense",

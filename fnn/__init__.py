@@ -9,6 +9,7 @@ Every layer is an ``(init, apply)`` pair of pure functions (see :mod:`fnn.core`)
 
 from fnn.combinators import branch as branch
 from fnn.combinators import named as named
+from fnn.combinators import repeat as repeat
 from fnn.combinators import residual as residual
 from fnn.combinators import serial as serial
 from fnn.core import Layer as Layer

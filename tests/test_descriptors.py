@@ -81,6 +81,22 @@ DESCRIPTORS = [
     Descriptor("MultiHeadAttention-dropout",
                lambda: fnn.MultiHeadAttention(2, dropout=0.2, causal=True), (2, 5, 8),
                stochastic=True),
+    Descriptor("FeedForward", lambda: fnn.FeedForward(16), (3, 8)),
+    Descriptor("FeedForward-swiglu", lambda: fnn.FeedForward(16, activation="swiglu",
+                                                             out_features=4, use_bias=False),
+               (3, 2, 8)),
+    Descriptor("EncoderBlock", lambda: fnn.EncoderBlock(2, 16), (2, 5, 8)),
+    Descriptor("EncoderBlock-rms-gqa-rope-causal-swiglu",
+               lambda: fnn.EncoderBlock(4, 16, num_kv_heads=2, norm="rms", rope=True, causal=True,
+                                        activation="swiglu", use_bias=False), (2, 5, 8)),
+    Descriptor("DecoderBlock", lambda: fnn.DecoderBlock(2, 16, rope=True), (2, 5, 8)),
+    Descriptor("LearnedPositionEmbedding", lambda: fnn.LearnedPositionEmbedding(8), (2, 5, 4)),
+    Descriptor("SinusoidalPositionEmbedding", lambda: fnn.SinusoidalPositionEmbedding(8),
+               (2, 5, 4)),
+    Descriptor("repeat", lambda: fnn.repeat(fnn.serial(fnn.Dense(5), fnn.Gelu()), 3), (3, 5)),
+    Descriptor("repeat-encoder-remat",
+               lambda: fnn.repeat(fnn.EncoderBlock(2, 16, dropout=0.1), 2, remat=True),
+               (2, 5, 8), stochastic=True),
     Descriptor("serial", lambda: fnn.serial(fnn.Dense(8), fnn.Relu(), head=fnn.Dense(3)), (3, 5)),
     Descriptor("branch-concat", lambda: fnn.branch(fnn.Dense(2), fnn.Tanh()), (3, 5)),
     Descriptor("branch-add", lambda: fnn.branch(fnn.Dense(5), fnn.Identity(), combine="add"),
@@ -205,7 +221,7 @@ def test_every_public_layer_has_a_descriptor():
     factories = {name: getattr(fnn, name) for name in fnn.layers.__all__}
     public = {name for name, obj in factories.items()  # layer factories, not types or tables
               if name[0].isupper() and callable(obj) and not isinstance(obj, type)}
-    public |= {"serial", "branch", "residual", "named", "tied"}
+    public |= {"serial", "branch", "residual", "named", "tied", "repeat"}
 
     assert public <= covered, f"layers without a descriptor: {public - covered}"
 

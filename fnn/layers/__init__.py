@@ -44,6 +44,14 @@ from fnn.layers.recurrent import RNN as RNN
 from fnn.layers.recurrent import Bidirectional as Bidirectional
 from fnn.layers.recurrent import SimpleRNN as SimpleRNN
 from fnn.layers.reshape import Flatten as Flatten
+from fnn.layers.transformer import DecoderBlock as DecoderBlock
+from fnn.layers.transformer import DecoderInput as DecoderInput
+from fnn.layers.transformer import EncoderBlock as EncoderBlock
+from fnn.layers.transformer import FeedForward as FeedForward
+from fnn.layers.transformer import LearnedPositionEmbedding as LearnedPositionEmbedding
+from fnn.layers.transformer import SinusoidalPositionEmbedding as SinusoidalPositionEmbedding
+from fnn.layers.transformer import init_block_cache as init_block_cache
+from fnn.layers.transformer import sinusoidal_table as sinusoidal_table
 from fnn.layers.reshape import Reshape as Reshape
 
 __all__ = [
@@ -91,5 +99,13 @@ __all__ = [
     "Bidirectional",
     "SimpleRNN",
     "Flatten",
+    "DecoderBlock",
+    "DecoderInput",
+    "EncoderBlock",
+    "FeedForward",
+    "LearnedPositionEmbedding",
+    "SinusoidalPositionEmbedding",
+    "init_block_cache",
+    "sinusoidal_table",
     "Reshape",
 ]

@@ -108,6 +108,16 @@ _COMBINE: dict[str, Callable[[Sequence[Any]], Any]] = {
 }
 
 
+def combiner(name: str, combine: str | Callable[[tuple], Any]) -> Callable[[tuple], Any]:
+    """The function behind ``combine="concat" | "add" | "tuple"`` or a given function."""
+    if callable(combine):
+        return combine
+    if combine in _COMBINE:
+        return _COMBINE[combine]
+    raise ValueError(f"{name}: combine must be one of {sorted(_COMBINE)} or a function, "
+                     f"got {combine!r}")
+
+
 def branch(*layers: Layer, combine: str | Callable[[tuple], Any] = "concat",
            **named_layers: Layer) -> Layer:
     """Feeds the same input to several layers and combines their outputs.
@@ -118,13 +128,7 @@ def branch(*layers: Layer, combine: str | Callable[[tuple], Any] = "concat",
     tuple, in order), or a function of that tuple. Children are named as in :func:`serial`.
     """
     children = _named_children("branch", layers, named_layers)
-    if callable(combine):
-        combine_fn = combine
-    elif combine in _COMBINE:
-        combine_fn = _COMBINE[combine]
-    else:
-        raise ValueError(f"branch: combine must be one of {sorted(_COMBINE)} or a function, "
-                         f"got {combine!r}")
+    combine_fn = combiner("branch", combine)
 
     def apply(params, state, x, *, key=None, train=False):
         outputs, new_state = _apply_each(children, params, state, x, key, train)

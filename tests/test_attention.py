@@ -7,7 +7,6 @@ layer gets float32 inputs and is compared with float32 tolerances. Calls are jit
 compilation per layer and input structure) to keep the file fast on a small CPU.
 """
 
-import functools
 import math
 
 import jax
@@ -16,6 +15,7 @@ import numpy as np
 import pytest
 
 import fnn
+from refutil import f64, make_params, rand, run
 from fnn.layers.attention import AttentionInput, MultiHeadAttention, apply_rope, init_cache
 
 TOL = dict(rtol=2e-5, atol=2e-5)
@@ -23,32 +23,6 @@ IMPLEMENTATIONS = [None, "einsum"]
 
 
 # ============================================================================= helpers
-
-def rand(shape, seed=0):
-    return np.random.default_rng(seed).standard_normal(shape).astype(np.float32)
-
-
-def f64(a):
-    return np.asarray(a, np.float64)
-
-
-@functools.lru_cache(maxsize=None)
-def _jitted(layer, train):
-    return jax.jit(lambda p, s, x, k: layer.apply(p, s, x, key=k, train=train))
-
-
-def run(layer, params, x, state=None, *, key=None, train=False):
-    """``layer.apply`` under ``jit``; returns ``(y, state)``."""
-    return _jitted(layer, train)(params, {} if state is None else state, x, key)
-
-
-def make_params(layer, x, seed=100, scale=0.5):
-    """Random numpy-drawn params with exactly the names and shapes ``layer.init`` creates."""
-    spec, _ = jax.eval_shape(layer.init, jax.random.key(0), x)
-    leaves, treedef = jax.tree.flatten(spec)
-    return jax.tree.unflatten(treedef, [jnp.asarray(scale * rand(leaf.shape, seed + i))
-                                        for i, leaf in enumerate(leaves)])
-
 
 def rope_ref(x, positions, base=10000.0):
     """x: [..., T, H, D] float64; positions: [..., T]; rotate-half pairs (x[i], x[i + D/2])."""

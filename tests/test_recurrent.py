@@ -249,7 +249,7 @@ def test_bidirectional_combine_modes():
     assert set(params["backward"]) == {"w_i", "w_h", "b"}
     f, b = run(layer, params, x)
     close(b, run(rnn("SimpleRNN", reverse=True), params["backward"], x)[0])
-    custom = Bidirectional(make_cell("GRU"), make_cell("SimpleRNN"), combine=lambda u, v: u * v + u)
+    custom = Bidirectional(make_cell("GRU"), make_cell("SimpleRNN"), combine=lambda uv: uv[0] * uv[1] + uv[0])
     close(run(custom, params, x), f * b + f)
     added = Bidirectional(make_cell("GRU"), make_cell("SimpleRNN"), combine="add")
     assert jax.eval_shape(added.apply, params, {}, x)[0].shape == (B, T, H)

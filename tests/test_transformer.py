@@ -6,7 +6,6 @@ Sizes are tiny and calls are jitted (one compilation per layer and input structu
 file fast on a small CPU.
 """
 
-import functools
 import math
 
 import jax
@@ -16,6 +15,7 @@ import numpy as np
 import pytest
 
 import fnn
+from refutil import f64, make_params, rand, run
 from fnn.combinators import repeat
 from fnn.layers.attention import AttentionInput
 from fnn.layers.transformer import (DecoderBlock, DecoderInput, EncoderBlock, FeedForward,
@@ -27,33 +27,6 @@ B, T, F = 2, 5, 8
 
 
 # ============================================================================= helpers
-
-def rand(shape, seed=0):
-    return np.random.default_rng(seed).standard_normal(shape).astype(np.float32)
-
-
-def f64(a):
-    return np.asarray(a, np.float64)
-
-
-@functools.lru_cache(maxsize=None)
-def _jitted(layer, train):
-    return jax.jit(lambda p, s, x, k: layer.apply(p, s, x, key=k, train=train))
-
-
-def run(layer, params, x, state=None, *, key=None, train=False):
-    """``layer.apply`` under ``jit``; returns ``(y, state)``."""
-    return _jitted(layer, train)(params, {} if state is None else state, x, key)
-
-
-def make_params(layer, x, seed=100, scale=0.5):
-    """Random numpy-drawn params with exactly the names and shapes ``layer.init`` creates (so
-    that unit scales and zero biases cannot hide mistakes)."""
-    spec, _ = jax.eval_shape(layer.init, jax.random.key(0), x)
-    leaves, treedef = jax.tree.flatten(spec)
-    return jax.tree.unflatten(treedef, [jnp.asarray(scale * rand(leaf.shape, seed + i))
-                                        for i, leaf in enumerate(leaves)])
-
 
 def layer_slice(stacked, i):
     return jax.tree.map(lambda a: a[i], stacked)

@@ -78,6 +78,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.nn import initializers
 
+from fnn.combinators import combiner
 from fnn.core import (Layer, LayerError, Params, ShapeError, align, apply_child, check_positive,
                       check_rank, compute_dtype, describe, init_child, put, shape_error, where)
 
@@ -407,22 +408,15 @@ def RNN(cell: Cell, *, reverse: bool = False, unroll: int | bool = 1,
     return Layer(init, apply, name)
 
 
-_COMBINE: dict[str, Callable[[jax.Array, jax.Array], Any]] = {
-    "concat": lambda f, b: jnp.concatenate([f, b], axis=-1),
-    "add": lambda f, b: f + b,
-    "tuple": lambda f, b: (f, b),
-}
-
-
 def Bidirectional(forward_cell: Cell, backward_cell: Cell | None = None, *,
-                  combine: str | Callable[[jax.Array, jax.Array], Any] = "concat",
+                  combine: str | Callable[[tuple], Any] = "concat",
                   unroll: int | bool = 1, return_carry: bool = False) -> Layer:
     """Runs ``RNN(forward_cell)`` and ``RNN(backward_cell, reverse=True)`` on the same sequence
     and combines their outputs.
 
     Shapes: ``x: [..., time, in_features] -> [..., time, 2 * hidden_size]`` for
     ``combine="concat"`` (forward first); ``"add"`` gives ``[..., time, hidden_size]``,
-    ``"tuple"`` the pair ``(forward, backward)``, and a function ``combine(forward, backward)``
+    ``"tuple"`` the pair ``(forward, backward)``, and a function ``combine((forward, backward))``
     anything. ``backward_cell`` defaults to a cell like ``forward_cell`` (with its own params).
     Params: ``{"forward": ..., "backward": ...}``, each the cell's params.
 
@@ -441,13 +435,7 @@ def Bidirectional(forward_cell: Cell, backward_cell: Cell | None = None, *,
         if not isinstance(cell, Cell):
             raise TypeError(f"Bidirectional: {which} must be a Cell (LSTM(64), GRU(64), ...), not "
                             f"a layer; got {type(cell).__name__}")
-    if callable(combine):
-        combine_fn = combine
-    elif combine in _COMBINE:
-        combine_fn = _COMBINE[combine]
-    else:
-        raise ValueError(f"Bidirectional: combine must be one of {sorted(_COMBINE)} or a "
-                         f"function, got {combine!r}")
+    combine_fn = combiner("Bidirectional", combine)
     children = [("forward", RNN(forward_cell, unroll=unroll, return_carry=True)),
                 ("backward", RNN(backward_cell, reverse=True, unroll=unroll, return_carry=True))]
 
@@ -466,7 +454,7 @@ def Bidirectional(forward_cell: Cell, backward_cell: Cell | None = None, *,
             (y, carry), _ = apply_child(child_name, child, params, {}, x, key=None, train=train)
             outputs.append(y[0] if packed else y)
             carries.append(carry)
-        y = combine_fn(*outputs)
+        y = combine_fn(tuple(outputs))
         y = (y, jnp.asarray(lengths)) if packed else y
         return ((y, tuple(carries)) if return_carry else y), state
 

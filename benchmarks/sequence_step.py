@@ -1,0 +1,427 @@
+"""Times one Adam train step of two sequence models built from fnn layers against the same
+networks written by hand in JAX + optax (and in PyTorch eager when torch is importable), and
+the compile time of a deep transformer.
+
+    python benchmarks/sequence_step.py [--steps K] [--rounds R] [--only lstm|transformer|compile]
+
+Models (built here from fnn layers, not from ``fnn.models``):
+
+- LSTM LM: ``serial(embed=Embedding(96, 64), lstm=RNN(LSTM(256)), head=Dense(96))``, sequence
+  64, batch 32. Hand-written twice: the fair equivalent (the input projection of all time steps
+  is one matmul before the ``lax.scan``, as fnn's ``RNN`` does) and a naive scan that projects
+  each step's input inside the loop. PyTorch: ``nn.LSTM``.
+- Transformer LM: token ``Embedding(256, 256)`` + ``LearnedPositionEmbedding(128)`` +
+  ``repeat(DecoderBlock(4, 1024), 4)`` (pre-LayerNorm, causal, exact GELU) + ``LayerNorm`` +
+  ``Dense(256)``, sequence 128, batch 16. Hand-written: a Python loop over the layers with an
+  explicit causal softmax attention. PyTorch: the same GPT with
+  ``F.scaled_dot_product_attention``.
+
+Every step computes the softmax cross-entropy over ``[B, T, V]`` logits with int labels, its
+gradient, an ``optax.adam(1e-3)`` update and the accuracy. fnn's params are copied into the
+other layouts and every first step must report the same loss (to 1e-4) before anything is
+timed. Timing is as in ``train_step.py``: interleaved rounds (the order rotates between
+rounds), median ms per step, median of the per-round ratios.
+
+``--only compile``: wall seconds of ``jit(...).lower(...).compile()`` of the Transformer LM's
+train step with ``repeat`` over 2 and over 24 blocks (median of 3, each on a freshly built
+model so that nothing is cached), and their ratio.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import statistics
+import sys
+import time
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax import lax
+
+import fnn
+from fnn.losses import softmax_cross_entropy
+from fnn.train import create_train_state, make_train_step
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from train_step import Runner, hand_train_step, jax_runner  # noqa: E402
+
+LEARNING_RATE = 1e-3
+LOSS_TOLERANCE = 1e-4
+
+
+# ----------------------------------------------------------------------------- fnn models
+
+def lstm_lm() -> fnn.Layer:
+    return fnn.serial(embed=fnn.Embedding(96, 64), lstm=fnn.RNN(fnn.LSTM(256)),
+                      head=fnn.Dense(96))
+
+
+def transformer_lm(layers: int = 4) -> fnn.Layer:
+    return fnn.serial(embed=fnn.Embedding(256, 256), pos=fnn.LearnedPositionEmbedding(128),
+                      blocks=fnn.repeat(fnn.DecoderBlock(4, 1024), layers),
+                      norm=fnn.LayerNorm(), head=fnn.Dense(256))
+
+
+# ----------------------------------------------------------------------------- hand-written JAX
+
+def hand_lstm_params(p: dict) -> dict:
+    return {"table": p["embed"]["table"], "w_i": p["lstm"]["w_i"], "w_h": p["lstm"]["w_h"],
+            "b": p["lstm"]["b"], "head_w": p["head"]["w"], "head_b": p["head"]["b"]}
+
+
+def _lstm_cell(c, z):
+    i, f, g, o = jnp.split(z, 4, axis=-1)
+    c = jax.nn.sigmoid(f) * c + jax.nn.sigmoid(i) * jnp.tanh(g)
+    return c, jax.nn.sigmoid(o) * jnp.tanh(c)
+
+
+def _lstm_lm(p, ids, naive: bool):
+    x = jnp.take(p["table"], ids, axis=0)  # [B, T, 64]
+    batch, hidden = ids.shape[0], p["w_h"].shape[0]
+    zeros = jnp.zeros((batch, hidden), x.dtype)
+    if naive:  # the input projection inside the loop, one [B, in] @ [in, 4H] per step
+        def step(carry, x_t):
+            h, c = carry
+            c, h = _lstm_cell(c, x_t @ p["w_i"] + h @ p["w_h"] + p["b"])
+            return (h, c), h
+        xs = jnp.swapaxes(x, 0, 1)
+    else:  # all time steps projected in one matmul before the scan
+        def step(carry, z_t):
+            h, c = carry
+            c, h = _lstm_cell(c, z_t + h @ p["w_h"])
+            return (h, c), h
+        xs = jnp.swapaxes(x @ p["w_i"] + p["b"], 0, 1)
+    _, hs = lax.scan(step, (zeros, zeros), xs)
+    return jnp.swapaxes(hs, 0, 1) @ p["head_w"] + p["head_b"]
+
+
+def hand_lstm_apply(p, ids):
+    return _lstm_lm(p, ids, naive=False)
+
+
+def naive_lstm_apply(p, ids):
+    return _lstm_lm(p, ids, naive=True)
+
+
+def hand_transformer_params(p: dict) -> dict:
+    stacked = p["blocks"]["layers"]
+    num = stacked["norm1"]["scale"].shape[0]
+    layers = []
+    for i in range(num):
+        b = jax.tree.map(lambda a: a[i], stacked)
+        att = b["attention"]
+        f = att["query"]["w"].shape[0]
+        layers.append({
+            "ln1_s": b["norm1"]["scale"], "ln1_b": b["norm1"]["bias"],
+            **{f"w{n[0]}": att[n]["w"].reshape(f, -1) for n in ("query", "key", "value")},
+            **{f"b{n[0]}": att[n]["b"].reshape(-1) for n in ("query", "key", "value")},
+            "wo": att["out"]["w"].reshape(-1, f), "bo": att["out"]["b"],
+            "ln2_s": b["norm2"]["scale"], "ln2_b": b["norm2"]["bias"],
+            "w1": b["ffn"]["up"]["w"], "b1": b["ffn"]["up"]["b"],
+            "w2": b["ffn"]["down"]["w"], "b2": b["ffn"]["down"]["b"]})
+    return {"tok": p["embed"]["table"], "pos": p["pos"]["table"], "layers": layers,
+            "lnf_s": p["norm"]["scale"], "lnf_b": p["norm"]["bias"],
+            "head_w": p["head"]["w"], "head_b": p["head"]["b"]}
+
+
+def _layer_norm(x, scale, bias, eps=1e-5):
+    mean = x.mean(-1, keepdims=True)
+    var = jnp.square(x - mean).mean(-1, keepdims=True)
+    return (x - mean) * lax.rsqrt(var + eps) * scale + bias
+
+
+def hand_transformer_apply(p, ids, num_heads: int = 4):
+    batch, t = ids.shape
+    x = jnp.take(p["tok"], ids, axis=0) + p["pos"][:t]
+    causal = jnp.tril(jnp.ones((t, t), bool))
+    for lp in p["layers"]:
+        h = _layer_norm(x, lp["ln1_s"], lp["ln1_b"])
+        f = h.shape[-1]
+        d = f // num_heads
+        q, k, v = ((h @ lp[f"w{n}"] + lp[f"b{n}"]).reshape(batch, t, num_heads, d)
+                   for n in "qkv")
+        s = jnp.einsum("bthd,bshd->bhts", q, k) / math.sqrt(d)
+        s = jnp.where(causal, s, jnp.finfo(s.dtype).min)
+        a = jnp.einsum("bhts,bshd->bthd", jax.nn.softmax(s, axis=-1), v)
+        x = x + a.reshape(batch, t, f) @ lp["wo"] + lp["bo"]
+        h = _layer_norm(x, lp["ln2_s"], lp["ln2_b"])
+        x = x + jax.nn.gelu(h @ lp["w1"] + lp["b1"], approximate=False) @ lp["w2"] + lp["b2"]
+    x = _layer_norm(x, p["lnf_s"], p["lnf_b"])
+    return x @ p["head_w"] + p["head_b"]
+
+
+# ----------------------------------------------------------------------------- PyTorch
+
+def _t(a):
+    import torch
+    return torch.from_numpy(np.ascontiguousarray(a))
+
+
+def torch_lstm(p: dict):
+    import torch
+    nn = torch.nn
+
+    class LSTMLM(nn.Module):
+        def __init__(self):
+            super().__init__()
+            vocab, emb = p["embed"]["table"].shape
+            hidden = p["lstm"]["w_h"].shape[0]
+            self.embed = nn.Embedding(vocab, emb)
+            self.lstm = nn.LSTM(emb, hidden, batch_first=True)
+            self.head = nn.Linear(hidden, p["head"]["w"].shape[1])
+            with torch.no_grad():  # same gate order (i, f, g, o); b = bias_ih + bias_hh
+                self.embed.weight.copy_(_t(p["embed"]["table"]))
+                self.lstm.weight_ih_l0.copy_(_t(p["lstm"]["w_i"].T))
+                self.lstm.weight_hh_l0.copy_(_t(p["lstm"]["w_h"].T))
+                self.lstm.bias_ih_l0.copy_(_t(p["lstm"]["b"]))
+                self.lstm.bias_hh_l0.zero_()
+                self.head.weight.copy_(_t(p["head"]["w"].T))
+                self.head.bias.copy_(_t(p["head"]["b"]))
+
+        def forward(self, ids):
+            return self.head(self.lstm(self.embed(ids))[0])
+
+    return LSTMLM()
+
+
+def torch_transformer(p: dict, num_heads: int = 4):
+    import torch
+    nn, F = torch.nn, torch.nn.functional
+    hp = hand_transformer_params(p)
+
+    def linear(w, b):
+        layer = nn.Linear(*w.shape)
+        with torch.no_grad():
+            layer.weight.copy_(_t(w.T))
+            layer.bias.copy_(_t(b))
+        return layer
+
+    def layer_norm(s, b):
+        layer = nn.LayerNorm(s.shape[0], eps=1e-5)
+        with torch.no_grad():
+            layer.weight.copy_(_t(s))
+            layer.bias.copy_(_t(b))
+        return layer
+
+    class Block(nn.Module):
+        def __init__(self, lp):
+            super().__init__()
+            self.ln1 = layer_norm(lp["ln1_s"], lp["ln1_b"])
+            self.qkv = linear(np.concatenate([lp["wq"], lp["wk"], lp["wv"]], 1),
+                              np.concatenate([lp["bq"], lp["bk"], lp["bv"]]))
+            self.out = linear(lp["wo"], lp["bo"])
+            self.ln2 = layer_norm(lp["ln2_s"], lp["ln2_b"])
+            self.fc1 = linear(lp["w1"], lp["b1"])
+            self.fc2 = linear(lp["w2"], lp["b2"])
+
+        def forward(self, x):
+            b, t, f = x.shape
+            q, k, v = (z.view(b, t, num_heads, f // num_heads).transpose(1, 2)
+                       for z in self.qkv(self.ln1(x)).split(f, dim=-1))
+            a = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+            x = x + self.out(a.transpose(1, 2).reshape(b, t, f))
+            return x + self.fc2(F.gelu(self.fc1(self.ln2(x))))
+
+    class GPT(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.tok = nn.Embedding(*hp["tok"].shape)
+            with torch.no_grad():
+                self.tok.weight.copy_(_t(hp["tok"]))
+            self.pos = nn.Parameter(_t(hp["pos"]).clone())
+            self.blocks = nn.ModuleList(Block(lp) for lp in hp["layers"])
+            self.lnf = layer_norm(hp["lnf_s"], hp["lnf_b"])
+            self.head = linear(hp["head_w"], hp["head_b"])
+
+        def forward(self, ids):
+            x = self.tok(ids) + self.pos[:ids.shape[1]]
+            for block in self.blocks:
+                x = block(x)
+            return self.head(self.lnf(x))
+
+    return GPT()
+
+
+def torch_runner(build: Callable[[dict], Any], params: dict, x: np.ndarray,
+                 y: np.ndarray) -> Runner:
+    import torch
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    model = build(jax.tree.map(np.asarray, params))
+    optimizer = torch.optim.Adam(model.parameters(), lr=LEARNING_RATE)
+    tx, ty = torch.from_numpy(x.astype(np.int64)), torch.from_numpy(y.astype(np.int64))
+
+    def step():
+        optimizer.zero_grad(set_to_none=True)
+        logits = model(tx)
+        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]),
+                                                 ty.reshape(-1))
+        loss.backward()
+        optimizer.step()
+        accuracy = (logits.argmax(-1) == ty).float().mean()
+        return loss, accuracy
+
+    first_loss = step()[0].item()
+
+    def run(k):  # eager: each step has finished when it returns
+        for _ in range(k):
+            step()
+
+    return Runner(run, first_loss)
+
+
+# ----------------------------------------------------------------------------- cases
+
+CASES = {
+    "lstm": dict(name="LSTM LM (emb 64, hidden 256, vocab 96), seq 64, batch 32",
+                 model=lstm_lm, vocab=96, batch=32, seq=64,
+                 hand={"hand": (hand_lstm_params, hand_lstm_apply),
+                       "naive": (hand_lstm_params, naive_lstm_apply)},
+                 torch=torch_lstm),
+    "transformer": dict(name="Transformer LM (4 x d256, 4 heads, mlp 1024), seq 128, batch 16",
+                        model=transformer_lm, vocab=256, batch=16, seq=128,
+                        hand={"hand": (hand_transformer_params, hand_transformer_apply)},
+                        torch=torch_transformer),
+}
+
+
+def make_runners(case: dict, with_torch: bool) -> dict[str, Runner]:
+    optimizer = optax.adam(LEARNING_RATE)
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, case["vocab"], (case["batch"], case["seq"])).astype(np.int32)
+    y = rng.integers(0, case["vocab"], (case["batch"], case["seq"])).astype(np.int32)
+    model = case["model"]()
+    ts = create_train_state(model, optimizer, jax.random.key(0), x)
+    params = jax.tree.map(np.array, ts.params)  # a host copy: the device buffers get donated
+    x_dev, y_dev = jnp.asarray(x), jnp.asarray(y)
+    runners = {"fnn": jax_runner(make_train_step(model, optimizer, softmax_cross_entropy),
+                                 ts, x_dev, y_dev)}
+    for label, (convert, apply) in case["hand"].items():
+        hp = jax.tree.map(jnp.asarray, convert(params))
+        runners[label] = jax_runner(hand_train_step(apply, optimizer),
+                                    (hp, optimizer.init(hp)), x_dev, y_dev)
+    if with_torch:
+        runners["torch"] = torch_runner(case["torch"], params, x, y)
+    return runners
+
+
+def check_same_loss(name: str, runners: dict[str, Runner]) -> None:
+    ref = runners["fnn"].first_loss
+    line = f"{name}: first-step loss " + ", ".join(
+        f"{label} {r.first_loss:.6f}" for label, r in runners.items())
+    print(line)
+    for label, r in runners.items():
+        if not abs(r.first_loss - ref) <= LOSS_TOLERANCE * max(1.0, abs(ref)):
+            raise SystemExit(f"{name}: fnn loss {ref!r} != {label} loss {r.first_loss!r}: "
+                             f"the steps do not compute the same thing")
+
+
+def time_interleaved(runners: dict[str, Runner], steps: int, rounds: int):
+    """Per implementation, the ms per step of every round; the order rotates by one each
+    round, so that no implementation always follows the same one."""
+    names = list(runners)
+    times: dict[str, list[float]] = {name: [] for name in names}
+    for r in range(rounds):
+        shift = r % len(names)
+        for name in names[shift:] + names[:shift]:
+            start = time.perf_counter()
+            runners[name].run(steps)
+            times[name].append((time.perf_counter() - start) * 1e3 / steps)
+    return times
+
+
+def ratio(times, a, b) -> str:
+    return f"{statistics.median(x / y for x, y in zip(times[a], times[b])):.3f}"
+
+
+def ms(times, name) -> str:
+    return f"{statistics.median(times[name]):.2f}" if name in times else "n/a"
+
+
+# ----------------------------------------------------------------------------- compile time
+
+def compile_seconds(layers: int) -> tuple[float, float]:
+    """(lower, compile) wall seconds of the Transformer LM's train step, on a new model."""
+    optimizer = optax.adam(LEARNING_RATE)
+    model = transformer_lm(layers)  # new closures: nothing traced or compiled before is reused
+    x = jax.ShapeDtypeStruct((16, 128), jnp.int32)
+    ts = jax.eval_shape(lambda k: create_train_state(model, optimizer, k, x),
+                        jax.random.key(0))
+    step = make_train_step(model, optimizer, softmax_cross_entropy)
+    start = time.perf_counter()
+    lowered = step.lower(ts, x, x)
+    mid = time.perf_counter()
+    lowered.compile()
+    return mid - start, time.perf_counter() - mid
+
+
+def compile_table(repeats: int = 3) -> list[str]:
+    rows, totals = [], {}
+    for layers in (2, 24):
+        samples = [compile_seconds(layers) for _ in range(repeats)]
+        lower = statistics.median(s[0] for s in samples)
+        comp = statistics.median(s[1] for s in samples)
+        totals[layers] = statistics.median(s[0] + s[1] for s in samples)
+        rows.append(f"| repeat(DecoderBlock, {layers}) | {lower:.2f} | {comp:.2f} | "
+                    f"{totals[layers]:.2f} |")
+    return (["| Transformer LM train step | trace+lower s | compile s | total s |",
+             "|---|---:|---:|---:|"] + rows
+            + [f"", f"ratio 24 layers / 2 layers: {totals[24] / totals[2]:.2f}x (goal <= 1.5x)"])
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--steps", type=int, default=5, help="train steps per timed round")
+    parser.add_argument("--rounds", type=int, default=10, help="interleaved rounds")
+    parser.add_argument("--only", choices=sorted(CASES) + ["compile"], help="run one part only")
+    args = parser.parse_args(argv)
+
+    try:
+        import torch  # noqa: F401
+        with_torch = True
+    except ImportError:
+        with_torch = False
+        print("torch is not importable: the PyTorch column is skipped")
+    print(f"jax {jax.__version__} on {jax.devices()[0].device_kind}, {os.cpu_count()} cores; "
+          f"{args.rounds} rounds of {args.steps} steps")
+
+    tables = []
+    keys = [args.only] if args.only else list(CASES) + ["compile"]
+    if "lstm" in keys:
+        runners = make_runners(CASES["lstm"], with_torch)
+        check_same_loss("LSTM LM", runners)
+        t = time_interleaved(runners, args.steps, args.rounds)
+        tables.append([
+            "| LSTM LM | fnn ms | hand JAX (projection before scan) ms | ratio fnn/hand | "
+            "naive JAX (projection in loop) ms | ratio fnn/naive | torch eager ms | "
+            "ratio fnn/torch |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|",
+            f"| {CASES['lstm']['name']} | {ms(t, 'fnn')} | {ms(t, 'hand')} | "
+            f"{ratio(t, 'fnn', 'hand')} | {ms(t, 'naive')} | {ratio(t, 'fnn', 'naive')} | "
+            f"{ms(t, 'torch')} | {ratio(t, 'fnn', 'torch') if with_torch else 'n/a'} |"])
+    if "transformer" in keys:
+        runners = make_runners(CASES["transformer"], with_torch)
+        check_same_loss("Transformer LM", runners)
+        t = time_interleaved(runners, args.steps, args.rounds)
+        tables.append([
+            "| Transformer LM | fnn ms | hand JAX ms | ratio fnn/hand | torch eager ms | "
+            "ratio fnn/torch |",
+            "|---|---:|---:|---:|---:|---:|",
+            f"| {CASES['transformer']['name']} | {ms(t, 'fnn')} | {ms(t, 'hand')} | "
+            f"{ratio(t, 'fnn', 'hand')} | {ms(t, 'torch')} | "
+            f"{ratio(t, 'fnn', 'torch') if with_torch else 'n/a'} |"])
+    if "compile" in keys:
+        tables.append(compile_table())
+
+    for table in tables:
+        print()
+        print("\n".join(table))
+
+
+if __name__ == "__main__":
+    main()

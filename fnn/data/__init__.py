@@ -4,5 +4,12 @@ from fnn.data.batching import batches as batches
 from fnn.data.batching import num_batches as num_batches
 from fnn.data.digits import Split as Split
 from fnn.data.digits import load_digits as load_digits
+from fnn.data.text import TextSplit as TextSplit
+from fnn.data.text import Vocab as Vocab
+from fnn.data.text import default_corpus as default_corpus
+from fnn.data.text import load_text as load_text
+from fnn.data.text import num_sequence_batches as num_sequence_batches
+from fnn.data.text import sequence_batches as sequence_batches
 
-__all__ = ["batches", "num_batches", "Split", "load_digits"]
+__all__ = ["batches", "num_batches", "Split", "load_digits", "TextSplit", "Vocab",
+           "default_corpus", "load_text", "num_sequence_batches", "sequence_batches"]

@@ -48,7 +48,7 @@ from fnn.losses import softmax_cross_entropy
 from fnn.train import create_train_state, make_train_step
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from train_step import Runner, hand_train_step, jax_runner  # noqa: E402
+from train_step import Runner, hand_train_step, jax_runner, torch_adam_runner  # noqa: E402
 
 LEARNING_RATE = 1e-3
 LOSS_TOLERANCE = 1e-4
@@ -253,26 +253,8 @@ def torch_runner(build: Callable[[dict], Any], params: dict, x: np.ndarray,
 
     torch.set_num_threads(os.cpu_count() or 1)
     model = build(jax.tree.map(np.asarray, params))
-    optimizer = torch.optim.Adam(model.parameters(), lr=LEARNING_RATE)
     tx, ty = torch.from_numpy(x.astype(np.int64)), torch.from_numpy(y.astype(np.int64))
-
-    def step():
-        optimizer.zero_grad(set_to_none=True)
-        logits = model(tx)
-        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]),
-                                                 ty.reshape(-1))
-        loss.backward()
-        optimizer.step()
-        accuracy = (logits.argmax(-1) == ty).float().mean()
-        return loss, accuracy
-
-    first_loss = step()[0].item()
-
-    def run(k):  # eager: each step has finished when it returns
-        for _ in range(k):
-            step()
-
-    return Runner(run, first_loss)
+    return torch_adam_runner(model, tx, ty)
 
 
 # ----------------------------------------------------------------------------- cases

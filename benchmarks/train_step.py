@@ -158,14 +158,22 @@ def torch_runner(case: Case, params: dict, x: np.ndarray, y: np.ndarray) -> Runn
 
     torch.set_num_threads(os.cpu_count() or 1)
     model = case.torch_model(jax.tree.map(np.asarray, params))
-    optimizer = torch.optim.Adam(model.parameters(), lr=LEARNING_RATE)
     tx = torch.from_numpy(x.transpose(0, 3, 1, 2).copy() if x.ndim == 4 else x)
-    ty = torch.from_numpy(y.astype(np.int64))
+    return torch_adam_runner(model, tx, torch.from_numpy(y.astype(np.int64)))
+
+
+def torch_adam_runner(model, tx, ty) -> Runner:
+    """A PyTorch eager Adam step on ``model(tx)`` against integer labels ``ty`` (logits
+    ``[..., classes]`` flattened over the leading axes for the cross-entropy)."""
+    import torch
+
+    optimizer = torch.optim.Adam(model.parameters(), lr=LEARNING_RATE)
 
     def step():
         optimizer.zero_grad(set_to_none=True)
         logits = model(tx)
-        loss = torch.nn.functional.cross_entropy(logits, ty)
+        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]),
+                                                 ty.reshape(-1))
         loss.backward()
         optimizer.step()
         accuracy = (logits.argmax(-1) == ty).float().mean()

@@ -12,7 +12,7 @@ import pytest
 import fnn
 from fnn.data.text import (TextSplit, Vocab, default_corpus, load_text, num_sequence_batches,
                            sequence_batches)
-from fnn.models.lm import CharLSTM, GPT, generate, init_gpt_cache
+from fnn.models.lm import CharLSTM, GPT, generate, init_gpt_cache, init_lstm_carry
 from fnn.models.vit import TransformerClassifier, ViT
 from fnn.train import create_train_state, make_eval_step, make_train_step
 
@@ -182,6 +182,24 @@ def test_gpt_cached_apply_matches_full_pass(gpt):
     assert int(cache["blocks"]["layers"]["attention"]["cache"]["index"][0]) == 10
 
 
+def test_lstm_decode_mode_matches_full_pass(lstm):
+    model, params, state = lstm
+    ids = jnp.asarray(np.random.default_rng(1).integers(0, V, (2, 10)), jnp.int32)
+    full, _ = jitted(model)(params, state, ids)
+    carry = init_lstm_carry(params, (2,))
+    first, carry = model.apply(params, carry, ids[:, :7])
+    step = jax.jit(model.apply)
+    rest = []
+    for t in range(7, 10):
+        y, carry = step(params, carry, ids[:, t:t + 1])
+        rest.append(y)
+    np.testing.assert_allclose(jnp.concatenate([first] + rest, axis=1), full, atol=1e-4)
+    assert sorted(carry["carry"]) == ["lstm1", "lstm2"]
+
+
+DECODE_STATE = {"gpt": init_gpt_cache, "lstm": init_lstm_carry}
+
+
 def greedy_full_forward(model, params, state, prompt, num_tokens):
     """Greedy decoding that re-runs the whole forward pass on the growing sequence."""
     seq = prompt
@@ -197,28 +215,33 @@ def test_generate_greedy_matches_full_forward(which, request):
     prompt = jnp.asarray(np.random.default_rng(2).integers(0, V, (2, 4)), jnp.int32)
     expected = greedy_full_forward(model, params, state, prompt, 5)
     assert len(set(np.asarray(expected[:, 4:]).ravel().tolist())) > 1  # not a constant output
-    out = generate(model, params, state, prompt, 5, key=jax.random.key(0), temperature=0.0)
+    decode = DECODE_STATE[which](params, (2,))
+    out = generate(model, params, decode, prompt, 5, key=jax.random.key(0), temperature=0.0)
     assert out.shape == (2, 9) and out.dtype == jnp.int32
     np.testing.assert_array_equal(out, expected)
     np.testing.assert_array_equal(out[:, :4], prompt)
     # top_k=1 is greedy whatever the temperature
-    top1 = generate(model, params, state, prompt, 5, key=jax.random.key(5), temperature=1.0,
+    top1 = generate(model, params, decode, prompt, 5, key=jax.random.key(5), temperature=1.0,
                     top_k=1)
     np.testing.assert_array_equal(top1, expected)
 
 
 def test_generate_sampling_and_errors(gpt):
-    model, params, state = gpt
+    model, params, _ = gpt
+    state = init_gpt_cache(params, (2,))
     prompt = jnp.zeros((2, 4), jnp.int32)
     a = generate(model, params, state, prompt, 5, key=jax.random.key(1), temperature=1.0, top_k=4)
     b = generate(model, params, state, prompt, 5, key=jax.random.key(1), temperature=1.0, top_k=4)
     np.testing.assert_array_equal(a, b)  # reproducible from the key
     assert a.shape == (2, 9) and int(a.min()) >= 0 and int(a.max()) < V
     assert generate(model, params, state, prompt, 0, key=jax.random.key(1)).shape == (2, 4)
-    with pytest.raises(ValueError, match="max_length 16"):
+    with pytest.raises(ValueError, match="exceeds the decode cache's length 16"):
         generate(model, params, state, prompt, 13, key=jax.random.key(1))
-    with pytest.raises(TypeError, match="CharLSTM"):
-        generate(fnn.Dense(3), {}, {}, prompt, 2, key=jax.random.key(1))
+    with pytest.raises(ValueError, match=r"state must be the model's decode state .*"
+                                         r"init_gpt_cache\(params, batch_shape\)"):
+        generate(model, params, {}, prompt, 2, key=jax.random.key(1))
+    with pytest.raises(TypeError, match="model must be a Layer"):
+        generate(model.apply, params, state, prompt, 2, key=jax.random.key(1))
 
 
 @pytest.mark.parametrize("make", [

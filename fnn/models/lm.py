@@ -5,13 +5,16 @@ Both map ``ids: int[..., time] -> logits [..., time, vocab_size]`` (any number o
 axes) and train with ``fnn.losses.softmax_cross_entropy(logits, targets)`` on
 ``fnn.data.text.sequence_batches``.
 
-:func:`generate` continues a prompt token by token, the whole loop under one ``jax.jit``:
+:func:`generate` continues a prompt token by token, the whole loop under one ``jax.jit``.
+Both models have a *decode mode*, selected by their state: ``apply(params, decode_state, ids)``
+continues from what the state holds and returns it updated, so ``generate`` needs nothing but
+the model's ``apply`` and a decode state:
 
-- :func:`CharLSTM`: the prompt runs through the LSTM layers once (``RNN(..., return_carry=True)``)
-  and each new token is one ``cell.step`` per layer, carrying every layer's ``LSTMCarry``.
-- :func:`GPT`: the prompt fills a key/value cache (:func:`init_gpt_cache`, one cache per block,
-  stacked as ``repeat`` keeps them) and each new token costs one position: the model's ``apply``
-  runs in decode mode when its state holds that cache, placing new tokens at the cache's index.
+- :func:`CharLSTM`: :func:`init_lstm_carry` gives zero carries; in decode mode each LSTM layer
+  steps its cell from the carry in the state and returns the new carry.
+- :func:`GPT`: :func:`init_gpt_cache` gives an empty key/value cache per block (stacked as
+  ``repeat`` keeps them); in decode mode new tokens go in at the cache's index, so each new token
+  costs one position.
 
 Sampling: ``temperature=0`` is greedy (argmax); otherwise the logits are divided by
 ``temperature`` and, with ``top_k``, all but the ``k`` largest are dropped before sampling.
@@ -20,8 +23,7 @@ Sampling: ``temperature=0`` is greedy (argmax); otherwise the logits are divided
 from __future__ import annotations
 
 import functools
-import weakref
-from typing import Any, Callable, NamedTuple
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -33,23 +35,6 @@ from fnn.core import (Layer, LayerError, apply_child, check_positive, check_trai
                       child_key, init_child, put, shape_error)
 from fnn.layers import (LSTM, RNN, Dense, DecoderBlock, Dropout, Embedding, LayerNorm,
                         LearnedPositionEmbedding, attend, init_block_cache)
-
-
-class _Decoder(NamedTuple):
-    """How :func:`generate` runs a model incrementally.
-
-    ``prefill(params, state, prompt) -> (logits [..., vocab] of the last prompt token, carry)``
-    and ``step(params, carry, token int[...]) -> (logits [..., vocab], carry)``.
-    ``max_length``: the longest sequence the model can decode (``None``: unlimited).
-    """
-
-    prefill: Callable
-    step: Callable
-    max_length: Callable[[Any], int | None]
-
-
-# model.apply -> its decoder; weak keys, so that models can be garbage collected
-_DECODERS: "weakref.WeakKeyDictionary[Callable, _Decoder]" = weakref.WeakKeyDictionary()
 
 
 def _check_ids(name: str, ids: Any, min_rank: int = 1) -> None:
@@ -66,8 +51,11 @@ def CharLSTM(vocab_size: int, *, embed: int = 64, hidden: int = 256,
     ``ids: int[..., time] -> logits [..., time, vocab_size]``.
 
     Params: ``{"embed": {"table": [vocab_size, embed]}, "lstm1": {"w_i", "w_h", "b"}, ...,
-    "lstm{num_layers}": ..., "head": {"w": [hidden, vocab_size], "b"}}``. Continue a prompt with
-    :func:`generate`.
+    "lstm{num_layers}": ..., "head": {"w": [hidden, vocab_size], "b"}}``.
+
+    Decode mode: with ``state = init_lstm_carry(params, batch_shape)``, ``apply`` continues
+    every layer from the carries in the state and returns them updated; :func:`generate` uses
+    it.
 
     >>> import jax, jax.numpy as jnp
     >>> model = CharLSTM(10, embed=4, hidden=8)
@@ -83,27 +71,43 @@ def CharLSTM(vocab_size: int, *, embed: int = 64, hidden: int = 256,
     model = serial(embed=embedding, **{name: RNN(cell) for name, cell in cells.items()},
                    head=head)
 
-    def prefill(params, state, prompt):
-        h, _ = embedding.apply(params["embed"], {}, prompt)
+    def apply(params, state, ids, *, key=None, train=False):
+        if "carry" not in state:
+            return model.apply(params, state, ids, key=key, train=train)
+        # decode mode: continue every layer from its carry, one cell step per token
+        h, _ = embedding.apply(params["embed"], {}, ids)
         carries = {}
         for name, cell in cells.items():
-            (h, carries[name]), _ = RNN(cell, return_carry=True).apply(params[name], {}, h)
-        logits, _ = head.apply(params["head"], {}, h[..., -1, :])
-        return logits, carries
-
-    def step(params, carries, token):
-        h, _ = embedding.apply(params["embed"], {}, token)
-        new = {}
-        for name, cell in cells.items():
-            carry = carries[name]
-            new[name], h = cell.step(params[name], carry, h)
-            new[name] = jax.tree.map(lambda n, o: n.astype(o.dtype), new[name], carry)
+            carries[name], h = _continue(cell, params[name], state["carry"][name], h)
         logits, _ = head.apply(params["head"], {}, h)
-        return logits, new
+        return logits, {"carry": carries}
 
-    model = model._replace(name="CharLSTM")
-    _DECODERS[model.apply] = _Decoder(prefill, step, lambda params: None)
-    return model
+    return Layer(model.init, apply, "CharLSTM")
+
+
+def _continue(cell, params, carry, h: jax.Array):
+    """Runs ``cell`` over ``h: [..., time, features]`` from ``carry``; returns the last carry
+    (in the dtypes it came in) and the outputs ``[..., time, hidden]``."""
+
+    def step(c, x):
+        new, y = cell.step(params, c, x)
+        return jax.tree.map(lambda n, o: n.astype(o.dtype), new, c), y
+
+    carry, ys = lax.scan(step, carry, jnp.moveaxis(h, -2, 0))
+    return carry, jnp.moveaxis(ys, 0, -2)
+
+
+def init_lstm_carry(params: dict, batch_shape: int | tuple[int, ...],
+                    dtype: Any = jnp.float32) -> dict:
+    """The decode-mode state of a :func:`CharLSTM`: zero carries for ``batch_shape`` sequences,
+    ``{"carry": {"lstm1": LSTMCarry(h, c), ...}}``, each ``[*batch_shape, hidden]``."""
+    layers = sorted(name for name in params if name.startswith("lstm"))
+    if not layers:
+        raise LayerError(f"init_lstm_carry: expected the params of a CharLSTM, got entries "
+                         f"{sorted(params)}")
+    batch_shape = (batch_shape,) if isinstance(batch_shape, int) else tuple(batch_shape)
+    return {"carry": {name: LSTM(params[name]["w_h"].shape[0]).initial_carry(batch_shape, dtype)
+                      for name in layers}}
 
 
 # ============================================================================= GPT
@@ -214,18 +218,7 @@ def GPT(vocab_size: int, *, d_model: int = 256, num_heads: int = 4, num_layers: 
             put(new_state, "blocks", blocks_state)
         return logits, new_state
 
-    def prefill(params, state, prompt):
-        cache = init_gpt_cache(params, prompt.shape[:-1])
-        logits, cache = apply(params, cache, prompt)
-        return logits[..., -1, :], cache
-
-    def step(params, cache, token):
-        logits, cache = apply(params, cache, token[..., None])
-        return logits[..., 0, :], cache
-
-    model = Layer(init, apply, name)
-    _DECODERS[model.apply] = _Decoder(prefill, step, lambda params: max_length)
-    return model
+    return Layer(init, apply, name)
 
 
 def init_gpt_cache(params: dict, batch_shape: int | tuple[int, ...],
@@ -258,24 +251,32 @@ def sample_logits(key: jax.Array, logits: jax.Array, *, temperature: float = 1.0
     return jax.random.categorical(key, logits / temperature, axis=-1).astype(jnp.int32)
 
 
-@functools.partial(jax.jit, static_argnames=("decoder", "num_tokens", "temperature", "top_k"))
-def _generate(decoder, params, state, prompt, key, *, num_tokens, temperature, top_k):
+@functools.partial(jax.jit, static_argnames=("apply", "num_tokens", "temperature", "top_k"))
+def _generate(apply, params, state, prompt, key, *, num_tokens, temperature, top_k):
     sample = functools.partial(sample_logits, temperature=temperature, top_k=top_k)
     p = prompt.shape[-1]
     out = jnp.concatenate([prompt, jnp.zeros(prompt.shape[:-1] + (num_tokens,), jnp.int32)],
                           axis=-1)
-    logits, carry = decoder.prefill(params, state, prompt)
-    token = sample(jax.random.fold_in(key, 0), logits)
+    logits, state = apply(params, state, prompt)
+    token = sample(jax.random.fold_in(key, 0), logits[..., -1, :])
     out = lax.dynamic_update_index_in_dim(out, token, p, axis=-1)
 
     def body(i, loop):
-        out, token, carry = loop
-        logits, carry = decoder.step(params, carry, token)
-        token = sample(jax.random.fold_in(key, i), logits)
-        return lax.dynamic_update_index_in_dim(out, token, p + i, axis=-1), token, carry
+        out, token, state = loop
+        logits, state = apply(params, state, token[..., None])
+        token = sample(jax.random.fold_in(key, i), logits[..., 0, :])
+        return lax.dynamic_update_index_in_dim(out, token, p + i, axis=-1), token, state
 
-    out, _, _ = lax.fori_loop(1, num_tokens, body, (out, token, carry))
+    out, _, _ = lax.fori_loop(1, num_tokens, body, (out, token, state))
     return out
+
+
+def _cache_length(state: dict) -> int | None:
+    """The number of positions a GPT decode state can hold, else ``None`` (no limit)."""
+    try:
+        return state["blocks"]["layers"]["attention"]["cache"]["k"].shape[-3]
+    except (KeyError, TypeError):
+        return None
 
 
 def generate(model: Layer, params: dict, state: dict, prompt_ids: Any, num_tokens: int, *,
@@ -283,19 +284,22 @@ def generate(model: Layer, params: dict, state: dict, prompt_ids: Any, num_token
     """Continues ``prompt_ids: int[..., prompt_len]`` (``prompt_len >= 1``) by ``num_tokens``
     sampled tokens; returns ``int32[..., prompt_len + num_tokens]`` (the prompt first).
 
-    ``model`` must be built by :func:`CharLSTM` or :func:`GPT` (its params and state as
-    ``model.init`` returned them). The whole generation is one jitted function: the prompt runs
-    once, then every new token is one incremental step (LSTM carries, or the GPT's key/value
-    cache: one position per token) inside a ``lax.fori_loop``. Token ``i`` (from 0) is drawn
-    with ``fold_in(key, i)``. ``temperature=0`` is greedy decoding; ``top_k`` keeps the ``k``
-    largest logits before sampling. For a GPT, ``prompt_len + num_tokens`` must be at most its
-    ``max_length``. Compiles once per prompt shape, ``num_tokens``, ``temperature`` and
+    ``state`` is the model's decode state for the prompt's batch shape:
+    ``init_lstm_carry(params, batch_shape)`` for a :func:`CharLSTM`,
+    ``init_gpt_cache(params, batch_shape)`` for a :func:`GPT`. The whole generation is one
+    jitted function: the prompt runs once through ``model.apply`` in decode mode, then every new
+    token is one more decode-mode call on that token inside a ``lax.fori_loop``. Token ``i``
+    (from 0) is drawn with ``fold_in(key, i)``. ``temperature=0`` is greedy decoding; ``top_k``
+    keeps the ``k`` largest logits before sampling. For a GPT, ``prompt_len + num_tokens`` must
+    fit the cache. Compiles once per prompt shape, ``num_tokens``, ``temperature`` and
     ``top_k``.
     """
-    decoder = _DECODERS.get(model.apply) if isinstance(model, Layer) else None
-    if decoder is None:
-        raise TypeError(f"generate: model must be built by CharLSTM(...) or GPT(...), got "
-                        f"{getattr(model, 'name', type(model).__name__)}")
+    if not isinstance(model, Layer):
+        raise TypeError(f"generate: model must be a Layer, got {type(model).__name__}")
+    if not state:
+        raise ValueError("generate: state must be the model's decode state for the prompt's "
+                         "batch shape, e.g. init_gpt_cache(params, batch_shape) or "
+                         "init_lstm_carry(params, batch_shape); got {}")
     prompt = jnp.asarray(prompt_ids)
     _check_ids("generate", prompt)
     if prompt.shape[-1] < 1:
@@ -307,12 +311,13 @@ def generate(model: Layer, params: dict, state: dict, prompt_ids: Any, num_token
         raise ValueError(f"generate: temperature must be a number >= 0, got {temperature!r}")
     if top_k is not None:
         check_positive("generate", top_k=top_k)
-    limit = decoder.max_length(params)
+    limit = _cache_length(state)
     if limit is not None and prompt.shape[-1] + num_tokens > limit:
         raise ValueError(f"generate: prompt length {prompt.shape[-1]} + num_tokens {num_tokens} "
-                         f"exceeds the model's max_length {limit}")
+                         f"exceeds the decode cache's length {limit} (the model's max_length "
+                         f"unless init_gpt_cache was given another)")
     prompt = prompt.astype(jnp.int32)
     if num_tokens == 0:
         return prompt
-    return _generate(decoder, params, state, prompt, key, num_tokens=num_tokens,
+    return _generate(model.apply, params, state, prompt, key, num_tokens=num_tokens,
                      temperature=float(temperature), top_k=top_k)

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import collections
-import functools
 import glob
 import os
 import statistics

@@ -48,7 +48,8 @@ from fnn.losses import softmax_cross_entropy
 from fnn.train import create_train_state, make_train_step
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from train_step import Runner, hand_train_step, jax_runner, torch_adam_runner  # noqa: E402
+from train_step import (Runner, hand_train_step, jax_runner, print_setup,  # noqa: E402
+                        torch_adam_runner, torch_available)
 
 LEARNING_RATE = 1e-3
 LOSS_TOLERANCE = 1e-4
@@ -353,7 +354,7 @@ def compile_table(repeats: int = 3) -> list[str]:
                     f"{totals[layers]:.2f} |")
     return (["| Transformer LM train step | trace+lower s | compile s | total s |",
              "|---|---:|---:|---:|"] + rows
-            + [f"", f"ratio 24 layers / 2 layers: {totals[24] / totals[2]:.2f}x (goal <= 1.5x)"])
+            + ["", f"ratio 24 layers / 2 layers: {totals[24] / totals[2]:.2f}x (goal <= 1.5x)"])
 
 
 def main(argv=None) -> None:
@@ -363,14 +364,8 @@ def main(argv=None) -> None:
     parser.add_argument("--only", choices=sorted(CASES) + ["compile"], help="run one part only")
     args = parser.parse_args(argv)
 
-    try:
-        import torch  # noqa: F401
-        with_torch = True
-    except ImportError:
-        with_torch = False
-        print("torch is not importable: the PyTorch column is skipped")
-    print(f"jax {jax.__version__} on {jax.devices()[0].device_kind}, {os.cpu_count()} cores; "
-          f"{args.rounds} rounds of {args.steps} steps")
+    with_torch = torch_available()
+    print_setup(args)
 
     tables = []
     keys = [args.only] if args.only else list(CASES) + ["compile"]

@@ -265,6 +265,21 @@ CASES = {
 }
 
 
+def torch_available() -> bool:
+    """Whether PyTorch can be imported; says so when it cannot (its column is skipped)."""
+    try:
+        import torch  # noqa: F401
+        return True
+    except ImportError:
+        print("torch is not importable: the PyTorch column is skipped")
+        return False
+
+
+def print_setup(args) -> None:
+    print(f"jax {jax.__version__} on {jax.devices()[0].device_kind}, {os.cpu_count()} cores; "
+          f"{args.rounds} rounds of {args.steps} steps")
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--steps", type=int, default=10, help="train steps per timed round")
@@ -272,14 +287,8 @@ def main(argv=None) -> None:
     parser.add_argument("--only", choices=sorted(CASES), help="run one model only")
     args = parser.parse_args(argv)
 
-    try:
-        import torch  # noqa: F401
-        with_torch = True
-    except ImportError:
-        with_torch = False
-        print("torch is not importable: the PyTorch column is skipped")
-    print(f"jax {jax.__version__} on {jax.devices()[0].device_kind}, {os.cpu_count()} cores; "
-          f"{args.rounds} rounds of {args.steps} steps")
+    with_torch = torch_available()
+    print_setup(args)
 
     rows = []
     for key in [args.only] if args.only else list(CASES):

@@ -167,33 +167,31 @@ def test_gpt_is_causal(gpt):
     assert not np.allclose(a[:, 5:], b[:, 5:], atol=1e-3)
 
 
-def test_gpt_cached_apply_matches_full_pass(gpt):
-    model, params, state = gpt
+def assert_decode_mode_matches_full_pass(model, params, state, decode):
+    """Decode mode on 7 tokens, then 3 single tokens, equals one full pass on all 10."""
     ids = jnp.asarray(np.random.default_rng(1).integers(0, V, (2, 10)), jnp.int32)
     full, _ = jitted(model)(params, state, ids)
-    cache = init_gpt_cache(params, (2,))
-    first, cache = model.apply(params, cache, ids[:, :7])
+    first, decode = model.apply(params, decode, ids[:, :7])
     step = jax.jit(model.apply)
     rest = []
     for t in range(7, 10):
-        y, cache = step(params, cache, ids[:, t:t + 1])
+        y, decode = step(params, decode, ids[:, t:t + 1])
         rest.append(y)
     np.testing.assert_allclose(jnp.concatenate([first] + rest, axis=1), full, atol=1e-4)
+    return decode
+
+
+def test_gpt_cached_apply_matches_full_pass(gpt):
+    model, params, state = gpt
+    cache = assert_decode_mode_matches_full_pass(model, params, state,
+                                                 init_gpt_cache(params, (2,)))
     assert int(cache["blocks"]["layers"]["attention"]["cache"]["index"][0]) == 10
 
 
 def test_lstm_decode_mode_matches_full_pass(lstm):
     model, params, state = lstm
-    ids = jnp.asarray(np.random.default_rng(1).integers(0, V, (2, 10)), jnp.int32)
-    full, _ = jitted(model)(params, state, ids)
-    carry = init_lstm_carry(params, (2,))
-    first, carry = model.apply(params, carry, ids[:, :7])
-    step = jax.jit(model.apply)
-    rest = []
-    for t in range(7, 10):
-        y, carry = step(params, carry, ids[:, t:t + 1])
-        rest.append(y)
-    np.testing.assert_allclose(jnp.concatenate([first] + rest, axis=1), full, atol=1e-4)
+    carry = assert_decode_mode_matches_full_pass(model, params, state,
+                                                 init_lstm_carry(params, (2,)))
     assert sorted(carry["carry"]) == ["lstm1", "lstm2"]
 
 

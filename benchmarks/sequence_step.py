@@ -7,9 +7,11 @@ the compile time of a deep transformer.
 Models (built here from fnn layers, not from ``fnn.models``):
 
 - LSTM LM: ``serial(embed=Embedding(96, 64), lstm=RNN(LSTM(256)), head=Dense(96))``, sequence
-  64, batch 32. Hand-written twice: the fair equivalent (the input projection of all time steps
-  is one matmul before the ``lax.scan``, as fnn's ``RNN`` does) and a naive scan that projects
-  each step's input inside the loop. PyTorch: ``nn.LSTM``.
+  64, batch 32. Timed five ways: fnn (the LSTM's own loop); fnn with the LSTM's loop removed,
+  so that ``RNN`` runs its generic ``lax.scan`` over ``recur`` (what fnn did before the LSTM had
+  a loop); by hand with the input projection of all time steps as one matmul before a
+  ``lax.scan`` (the fair equivalent of the generic scan); by hand with a naive scan that
+  projects each step's input inside the loop; PyTorch ``nn.LSTM``.
 - Transformer LM: token ``Embedding(256, 256)`` + ``LearnedPositionEmbedding(128)`` +
   ``repeat(DecoderBlock(4, 1024), 4)`` (pre-LayerNorm, causal, exact GELU) + ``LayerNorm`` +
   ``Dense(256)``, sequence 128, batch 16. Hand-written: a Python loop over the layers with an
@@ -20,7 +22,10 @@ Every step computes the softmax cross-entropy over ``[B, T, V]`` logits with int
 gradient, an ``optax.adam(1e-3)`` update and the accuracy. fnn's params are copied into the
 other layouts and every first step must report the same loss (to 1e-4) before anything is
 timed. Timing is as in ``train_step.py``: interleaved rounds (the order rotates between
-rounds), median ms per step, median of the per-round ratios.
+rounds), median ms per step, median of the per-round ratios. Each row also shows the compiled
+step's temporary buffers (``memory_analysis().temp_size_in_bytes``; JAX only) and the minor
+page faults per step counted around the timed rounds (``getrusage``): a fresh, untouched page
+costs a fault, so a step whose buffers are fresh memory every time pays for them again.
 
 ``--only compile``: wall seconds of ``jit(...).lower(...).compile()`` of the Transformer LM's
 train step with ``repeat`` over 2 and over 24 blocks (median of 3, each on a freshly built
@@ -32,10 +37,11 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import resource
 import statistics
 import sys
 import time
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -60,6 +66,13 @@ LOSS_TOLERANCE = 1e-4
 def lstm_lm() -> fnn.Layer:
     return fnn.serial(embed=fnn.Embedding(96, 64), lstm=fnn.RNN(fnn.LSTM(256)),
                       head=fnn.Dense(96))
+
+
+def lstm_lm_generic_scan() -> fnn.Layer:
+    """The same model with the LSTM's own loop removed: ``RNN`` then runs its generic scan over
+    the cell's ``recur`` (the same params, values and gradients)."""
+    return fnn.serial(embed=fnn.Embedding(96, 64),
+                      lstm=fnn.RNN(fnn.LSTM(256)._replace(loop=None)), head=fnn.Dense(96))
 
 
 def transformer_lm(layers: int = 4) -> fnn.Layer:
@@ -260,70 +273,115 @@ def torch_runner(build: Callable[[dict], Any], params: dict, x: np.ndarray,
 
 # ----------------------------------------------------------------------------- cases
 
+class Timed(NamedTuple):
+    """One implementation under test: its runner and the compiled step's temporary buffers in
+    bytes (``None`` for PyTorch)."""
+
+    runner: Runner
+    temp_bytes: int | None
+
+
 CASES = {
     "lstm": dict(name="LSTM LM (emb 64, hidden 256, vocab 96), seq 64, batch 32",
                  model=lstm_lm, vocab=96, batch=32, seq=64,
+                 fnn={"fnn": lstm_lm, "fnn-scan": lstm_lm_generic_scan},
                  hand={"hand": (hand_lstm_params, hand_lstm_apply),
                        "naive": (hand_lstm_params, naive_lstm_apply)},
                  torch=torch_lstm),
     "transformer": dict(name="Transformer LM (4 x d256, 4 heads, mlp 1024), seq 128, batch 16",
                         model=transformer_lm, vocab=256, batch=16, seq=128,
+                        fnn={"fnn": transformer_lm},
                         hand={"hand": (hand_transformer_params, hand_transformer_apply)},
                         torch=torch_transformer),
 }
 
+LABELS = {
+    "fnn": "fnn",
+    "fnn-scan": "fnn, the LSTM's loop removed (generic scan over recur)",
+    "hand": "hand JAX",
+    "naive": "hand JAX, input projection inside the loop",
+    "torch": "PyTorch eager",
+}
+LSTM_LABELS = {"hand": "hand JAX, input projection before the scan"}
 
-def make_runners(case: dict, with_torch: bool) -> dict[str, Runner]:
+
+def temp_bytes(step, *args) -> int:
+    """The compiled step's temporary buffers (before the first call: the carry is donated)."""
+    return step.lower(*args).compile().memory_analysis().temp_size_in_bytes
+
+
+def make_runners(case: dict, with_torch: bool) -> dict[str, Timed]:
     optimizer = optax.adam(LEARNING_RATE)
     rng = np.random.default_rng(0)
     x = rng.integers(0, case["vocab"], (case["batch"], case["seq"])).astype(np.int32)
     y = rng.integers(0, case["vocab"], (case["batch"], case["seq"])).astype(np.int32)
-    model = case["model"]()
-    ts = create_train_state(model, optimizer, jax.random.key(0), x)
-    params = jax.tree.map(np.array, ts.params)  # a host copy: the device buffers get donated
     x_dev, y_dev = jnp.asarray(x), jnp.asarray(y)
-    runners = {"fnn": jax_runner(make_train_step(model, optimizer, softmax_cross_entropy),
-                                 ts, x_dev, y_dev)}
+    runners, params = {}, None
+    for label, build in case["fnn"].items():
+        model = build()
+        ts = create_train_state(model, optimizer, jax.random.key(0), x)
+        if params is None:  # a host copy: the device buffers get donated
+            params = jax.tree.map(np.array, ts.params)
+        step = make_train_step(model, optimizer, softmax_cross_entropy)
+        temp = temp_bytes(step, ts, x_dev, y_dev)
+        runners[label] = Timed(jax_runner(step, ts, x_dev, y_dev), temp)
     for label, (convert, apply) in case["hand"].items():
         hp = jax.tree.map(jnp.asarray, convert(params))
-        runners[label] = jax_runner(hand_train_step(apply, optimizer),
-                                    (hp, optimizer.init(hp)), x_dev, y_dev)
+        step, carry = hand_train_step(apply, optimizer), (hp, optimizer.init(hp))
+        temp = temp_bytes(step, carry, x_dev, y_dev)
+        runners[label] = Timed(jax_runner(step, carry, x_dev, y_dev), temp)
     if with_torch:
-        runners["torch"] = torch_runner(case["torch"], params, x, y)
+        runners["torch"] = Timed(torch_runner(case["torch"], params, x, y), None)
     return runners
 
 
-def check_same_loss(name: str, runners: dict[str, Runner]) -> None:
-    ref = runners["fnn"].first_loss
+def check_same_loss(name: str, runners: dict[str, Timed]) -> None:
+    ref = runners["fnn"].runner.first_loss
     line = f"{name}: first-step loss " + ", ".join(
-        f"{label} {r.first_loss:.6f}" for label, r in runners.items())
+        f"{label} {t.runner.first_loss:.6f}" for label, t in runners.items())
     print(line)
-    for label, r in runners.items():
-        if not abs(r.first_loss - ref) <= LOSS_TOLERANCE * max(1.0, abs(ref)):
-            raise SystemExit(f"{name}: fnn loss {ref!r} != {label} loss {r.first_loss!r}: "
+    for label, t in runners.items():
+        if not abs(t.runner.first_loss - ref) <= LOSS_TOLERANCE * max(1.0, abs(ref)):
+            raise SystemExit(f"{name}: fnn loss {ref!r} != {label} loss {t.runner.first_loss!r}: "
                              f"the steps do not compute the same thing")
 
 
-def time_interleaved(runners: dict[str, Runner], steps: int, rounds: int):
-    """Per implementation, the ms per step of every round; the order rotates by one each
-    round, so that no implementation always follows the same one."""
+def minor_faults() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
+def time_interleaved(runners: dict[str, Timed], steps: int, rounds: int):
+    """Per implementation, the ms per step and the minor page faults per step of every round;
+    the order rotates by one each round, so that no implementation always follows the same
+    one."""
     names = list(runners)
     times: dict[str, list[float]] = {name: [] for name in names}
+    faults: dict[str, list[float]] = {name: [] for name in names}
     for r in range(rounds):
         shift = r % len(names)
         for name in names[shift:] + names[:shift]:
-            start = time.perf_counter()
-            runners[name].run(steps)
+            before, start = minor_faults(), time.perf_counter()
+            runners[name].runner.run(steps)
             times[name].append((time.perf_counter() - start) * 1e3 / steps)
-    return times
+            faults[name].append((minor_faults() - before) / steps)
+    return times, faults
 
 
-def ratio(times, a, b) -> str:
-    return f"{statistics.median(x / y for x, y in zip(times[a], times[b])):.3f}"
+def ratio(times, a, b) -> float:
+    return statistics.median(x / y for x, y in zip(times[a], times[b]))
 
 
-def ms(times, name) -> str:
-    return f"{statistics.median(times[name]):.2f}" if name in times else "n/a"
+def table(case: dict, runners: dict[str, Timed], times, faults, labels: dict[str, str]):
+    """One row per implementation: ms per step, the median per-round ratio fnn / it (below 1
+    fnn is faster), temporary MiB of the compiled step and page faults per step."""
+    rows = [f"| {case['name']} | ms per step | fnn / this | temp MiB | page faults per step |",
+            "|---|---:|---:|---:|---:|"]
+    for name, timed in runners.items():
+        temp = "n/a" if timed.temp_bytes is None else f"{timed.temp_bytes / 2**20:.1f}"
+        rows.append(f"| {labels.get(name, LABELS[name])} | {statistics.median(times[name]):.2f} | "
+                    f"{ratio(times, 'fnn', name):.3f} | {temp} | "
+                    f"{statistics.median(faults[name]):.0f} |")
+    return rows
 
 
 # ----------------------------------------------------------------------------- compile time
@@ -372,32 +430,22 @@ def main(argv=None) -> None:
     if "lstm" in keys:
         runners = make_runners(CASES["lstm"], with_torch)
         check_same_loss("LSTM LM", runners)
-        t = time_interleaved(runners, args.steps, args.rounds)
-        tables.append([
-            "| LSTM LM | fnn ms | hand JAX (projection before scan) ms | ratio fnn/hand | "
-            "naive JAX (projection in loop) ms | ratio fnn/naive | torch eager ms | "
-            "ratio fnn/torch |",
-            "|---|---:|---:|---:|---:|---:|---:|---:|",
-            f"| {CASES['lstm']['name']} | {ms(t, 'fnn')} | {ms(t, 'hand')} | "
-            f"{ratio(t, 'fnn', 'hand')} | {ms(t, 'naive')} | {ratio(t, 'fnn', 'naive')} | "
-            f"{ms(t, 'torch')} | {ratio(t, 'fnn', 'torch') if with_torch else 'n/a'} |"])
+        times, faults = time_interleaved(runners, args.steps, args.rounds)
+        tables.append(table(CASES["lstm"], runners, times, faults, LSTM_LABELS) + [
+            "", f"fnn / hand JAX (projection before the scan): "
+                f"{ratio(times, 'fnn', 'hand'):.3f} (goal <= 1.02); fnn / naive hand JAX "
+                f"(projection inside the loop): {ratio(times, 'fnn', 'naive'):.3f} (goal < 1)"])
     if "transformer" in keys:
         runners = make_runners(CASES["transformer"], with_torch)
         check_same_loss("Transformer LM", runners)
-        t = time_interleaved(runners, args.steps, args.rounds)
-        tables.append([
-            "| Transformer LM | fnn ms | hand JAX ms | ratio fnn/hand | torch eager ms | "
-            "ratio fnn/torch |",
-            "|---|---:|---:|---:|---:|---:|",
-            f"| {CASES['transformer']['name']} | {ms(t, 'fnn')} | {ms(t, 'hand')} | "
-            f"{ratio(t, 'fnn', 'hand')} | {ms(t, 'torch')} | "
-            f"{ratio(t, 'fnn', 'torch') if with_torch else 'n/a'} |"])
+        times, faults = time_interleaved(runners, args.steps, args.rounds)
+        tables.append(table(CASES["transformer"], runners, times, faults, {}))
     if "compile" in keys:
         tables.append(compile_table())
 
-    for table in tables:
+    for rows in tables:
         print()
-        print("\n".join(table))
+        print("\n".join(rows))
 
 
 if __name__ == "__main__":

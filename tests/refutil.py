@@ -5,6 +5,7 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.extend.core import ClosedJaxpr, Jaxpr
 
 
 def rand(shape, seed=0):
@@ -32,3 +33,21 @@ def make_params(layer, x, seed=100, scale=0.5):
     leaves, treedef = jax.tree.flatten(spec)
     return jax.tree.unflatten(treedef, [jnp.asarray(scale * rand(leaf.shape, seed + i))
                                         for i, leaf in enumerate(leaves)])
+
+
+def walk(jaxpr):
+    """Every equation of a jaxpr, sub-jaxprs (scan bodies, custom_jvp calls, pjit, ...)
+    included."""
+    for eqn in jaxpr.eqns:
+        yield eqn
+        for value in eqn.params.values():
+            for sub in value if isinstance(value, (tuple, list)) else (value,):
+                if isinstance(sub, ClosedJaxpr):
+                    yield from walk(sub.jaxpr)
+                elif isinstance(sub, Jaxpr):
+                    yield from walk(sub)
+
+
+def count_dots(jaxpr) -> int:
+    """The number of ``dot_general`` equations in ``jaxpr`` and its sub-jaxprs."""
+    return sum(eqn.primitive.name == "dot_general" for eqn in walk(jaxpr))

@@ -13,11 +13,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax.extend.core import ClosedJaxpr, Jaxpr
 
 import fnn
 from fnn.layers.recurrent import (GRU, LSTM, RNN, Bidirectional, Cell, LSTMCarry, RNNCarry,
                                   SimpleRNN)
+from refutil import count_dots, walk
 
 TOL = dict(rtol=2e-5, atol=2e-5)
 B, T, F, H = 4, 6, 5, 3  # batch, time, input features, hidden size
@@ -127,20 +127,6 @@ def close(a, b, **tol):
                                                          **(tol or TOL)), a, b)
 
 
-def walk(jaxpr):
-    """Every equation of a jaxpr, sub-jaxprs (scan bodies, pjit, ...) included."""
-    for eqn in jaxpr.eqns:
-        yield eqn
-        for value in eqn.params.values():
-            for sub in value if isinstance(value, (tuple, list)) else (value,):
-                if isinstance(sub, ClosedJaxpr):
-                    yield from walk(sub.jaxpr)
-                elif isinstance(sub, Jaxpr):
-                    yield from walk(sub)
-
-
-def count_dots(jaxpr):
-    return sum(eqn.primitive.name == "dot_general" for eqn in walk(jaxpr))
 
 
 LENGTHS = np.array([6, 3, 1, 0], np.int32)  # full, partial, one step, empty

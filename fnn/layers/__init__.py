@@ -22,6 +22,7 @@ from fnn.layers.activations import activation as activation
 from fnn.layers.attention import AttentionInput as AttentionInput
 from fnn.layers.attention import MultiHeadAttention as MultiHeadAttention
 from fnn.layers.attention import apply_rope as apply_rope
+from fnn.layers.attention import attention_weights as attention_weights
 from fnn.layers.attention import init_cache as init_cache
 from fnn.layers.conv import Conv as Conv
 from fnn.layers.conv import ConvTranspose as ConvTranspose
@@ -77,6 +78,7 @@ __all__ = [
     "AttentionInput",
     "MultiHeadAttention",
     "apply_rope",
+    "attention_weights",
     "init_cache",
     "Conv",
     "ConvTranspose",

@@ -444,3 +444,112 @@ def MultiHeadAttention(num_heads: int, *, num_kv_heads: int | None = None,
         return y.reshape(lead + (t, y.shape[-1])), new_state
 
     return Layer(init, apply, _NAME)
+
+
+# ----------------------------------------------------------------------------- inspection
+
+_WEIGHTS = "attention_weights"
+
+
+def _weights_error(what: str) -> LayerError:
+    return LayerError(f"{_WEIGHTS}: {what}")
+
+
+def _check_weights_params(params: Any) -> tuple[int, int, int, int]:
+    """``(features, heads, kv_heads, head_dim)`` of a :func:`MultiHeadAttention`'s params,
+    after checking that they hold self-attention query and key projections."""
+    if not isinstance(params, dict) or any(
+            not isinstance(params.get(name), dict) or "w" not in params[name]
+            for name in ("query", "key")):
+        got = sorted(params) if isinstance(params, dict) else type(params).__name__
+        raise _weights_error(f"expected the params of a MultiHeadAttention with entries "
+                             f"'query' and 'key', each {{'w': ...}}, got {got}")
+    wq, wk = params["query"]["w"], params["key"]["w"]
+    if wq.ndim != 3 or wk.ndim != 3:
+        raise _weights_error(f"expected query w [features, heads, head_dim] and key w "
+                             f"[features, kv_heads, head_dim], got query w {describe(wq)}, key w "
+                             f"{describe(wk)}")
+    features, heads, head_dim = wq.shape
+    kv_features, kv_heads, kv_head_dim = wk.shape
+    if kv_features != features or kv_head_dim != head_dim or heads % kv_heads:
+        raise _weights_error(f"expected key w [{features}, kv_heads, {head_dim}] with kv_heads "
+                             f"dividing heads={heads} (self-attention params), got key w "
+                             f"{describe(wk)}")
+    return features, heads, kv_heads, head_dim
+
+
+def _project_heads(p: dict[str, Any], x: jax.Array) -> jax.Array:
+    """``x: [..., time, features] -> [..., time, heads, head_dim]`` in ``x``'s dtype."""
+    y = jnp.einsum("...tf,fhd->...thd", x, p["w"].astype(x.dtype))
+    if "b" in p:
+        y = y + align(p["b"].astype(x.dtype), y.ndim)
+    return y
+
+
+def attention_weights(params: dict[str, Any], x: jax.Array, *, causal: bool = False,
+                      rope: bool = False, rope_base: float = 10000.0,
+                      mask: Any = None) -> jax.Array:
+    """The self-attention weights ``softmax(q k^T / sqrt(head_dim))`` of a
+    :func:`MultiHeadAttention` on ``x``, for inspection and plots.
+
+    ``params``: the layer's params (``query`` ``w: [features, heads, head_dim]``, ``key`` ``w:
+    [features, kv_heads, head_dim]``, optional biases; the value and output projections are not
+    read). ``x: [..., time, features]`` (any number of leading batch axes, none included)
+    ``-> float32 [..., heads, time, time]`` (float64 for float64 input): entry ``[..., h, i, j]``
+    is how much query position ``i`` of head ``h`` takes from position ``j``.
+
+    Pass the settings the layer was built with: ``causal``, ``rope`` and ``rope_base``
+    (positions ``0, 1, ...``); ``mask`` is bool, broadcastable to ``[..., heads, time, time]``,
+    ``True`` = may attend. Grouped-query params (``kv_heads < heads``) are read as the layer
+    does: query head ``h`` uses key head ``h // (heads // kv_heads)``. Projections, logits and
+    softmax are computed in float32 whatever the dtype of ``x`` (float64 stays float64).
+
+    Each row sums to 1, and masked entries (the upper triangle with ``causal``) are exactly 0; a
+    row that may attend to nothing is all zeros, as the layer's attention result is there.
+    Multiplying the weights with the value projection and applying the output projection gives
+    the layer's output (without dropout).
+
+    >>> import jax, jax.numpy as jnp
+    >>> layer = MultiHeadAttention(4, num_kv_heads=2, causal=True)
+    >>> x = jax.random.normal(jax.random.key(0), (2, 5, 16))
+    >>> params, _ = layer.init(jax.random.key(1), x)
+    >>> w = attention_weights(params, x, causal=True)
+    >>> w.shape, w.dtype
+    ((2, 4, 5, 5), dtype('float32'))
+    >>> bool(jnp.allclose(w.sum(-1), 1.0)), float(w[0, 0, 0, 1])  # query 0 sees only key 0
+    (True, 0.0)
+    """
+    features, heads, kv_heads, head_dim = _check_weights_params(params)
+    if (not hasattr(x, "ndim") or x.ndim < 2 or x.shape[-1] != features
+            or not jnp.issubdtype(x.dtype, jnp.floating)):
+        raise ShapeError(f"{_WEIGHTS}: expected x float[..., time, {features}] (the features of "
+                         f"the query projection), got {describe(x)}")
+    if rope and head_dim % 2:
+        raise _weights_error(f"rope needs an even head_dim, got head_dim={head_dim}")
+    lead, t = x.shape[:-2], x.shape[-2]
+    full = lead + (heads, t, t)
+    if mask is not None:
+        if (not hasattr(mask, "dtype") or mask.dtype != jnp.bool_ or mask.ndim > len(full)
+                or any(a not in (1, b) for a, b in zip(mask.shape[::-1], full[::-1]))):
+            raise ShapeError(f"{_WEIGHTS}: expected mask bool broadcastable to [..., heads, "
+                             f"time, time] = {_dims(full)}, got {describe(mask)}")
+    dt = _at_least_f32(x.dtype)
+    xf = x.astype(dt)
+    q = _project_heads(params["query"], xf)  # [..., T, N, D]
+    k = _project_heads(params["key"], xf)  # [..., T, K, D]
+    if rope:
+        positions = jnp.arange(t, dtype=jnp.int32)
+        q, k = apply_rope(q, positions, rope_base), apply_rope(k, positions, rope_base)
+    # each key head serves a contiguous group of heads // kv_heads query heads
+    k = jnp.repeat(k, heads // kv_heads, axis=-2)  # [..., T, N, D]
+    logits = jnp.einsum("...thd,...shd->...hts", q, k) * jnp.asarray(1.0 / math.sqrt(head_dim),
+                                                                      dt)
+    allowed = jnp.ones((1,) * len(full), jnp.bool_)
+    if causal:
+        allowed = align(jnp.tril(jnp.ones((t, t), jnp.bool_)), len(full))
+    if mask is not None:
+        allowed = allowed & align(mask, len(full))
+    # a finite fill keeps fully masked rows finite; they are zeroed below like masked entries
+    logits = jnp.where(allowed, logits, jnp.asarray(jnp.finfo(dt).min, dt))
+    weights = jax.nn.softmax(logits, axis=-1)
+    return jnp.where(allowed, weights, jnp.zeros((), dt))

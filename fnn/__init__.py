@@ -8,6 +8,7 @@ Every layer is an ``(init, apply)`` pair of pure functions (see :mod:`fnn.core`)
 """
 
 from fnn.combinators import branch as branch
+from fnn.combinators import remat as remat
 from fnn.combinators import named as named
 from fnn.combinators import repeat as repeat
 from fnn.combinators import residual as residual
@@ -18,7 +19,10 @@ from fnn.core import MissingKeyError as MissingKeyError
 from fnn.core import ShapeError as ShapeError
 from fnn.core import param_bytes as param_bytes
 from fnn.core import param_count as param_count
+from fnn.core import record_layers as record_layers
 from fnn.core import summary as summary
+from fnn.precision import Policy as Policy
+from fnn.precision import with_policy as with_policy
 from fnn.layers import *  # noqa: F401,F403 - the layer factories are public (fnn.layers.__all__)
 
 from fnn import data as data  # noqa: E402 - submodules after the names they use

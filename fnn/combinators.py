@@ -290,3 +290,50 @@ def repeat(layer: Layer, num: int, *, remat: bool | Callable[..., bool] = False,
         return (y[0] if mode["first"] else y), new_state
 
     return Layer(init, apply, "repeat")
+
+
+def remat(layer: Layer, *, policy: Callable[..., bool] | None = None,
+          prevent_cse: bool = True) -> Layer:
+    """``layer`` with its ``apply`` wrapped in ``jax.checkpoint``: the same params, state and
+    outputs (``x: [...] -> layer(x)``, shapes as ``layer``'s), but in the backward pass its
+    intermediate activations are recomputed from its input instead of being kept from the
+    forward pass. Activation memory falls to the layer's inputs and outputs, for one more
+    forward pass of the layer.
+
+    - ``policy``: a ``jax.checkpoint_policies`` entry naming what may still be saved (e.g.
+      ``dots_saveable`` keeps matmul results and recomputes only the cheap elementwise work);
+      ``None`` saves nothing.
+    - ``prevent_cse``: passed to ``jax.checkpoint``. ``True`` stops XLA from merging the
+      recomputation back into the forward pass; ``False`` is safe (and faster) inside
+      ``lax.scan``, which already prevents that.
+
+    ``train`` stays static and ``key`` is passed through, so stochastic layers draw the same
+    masks in the recomputation as in the forward pass. For deep stacks of identical blocks,
+    ``repeat(block, num, remat=True)`` rematerialises each copy inside its scan.
+
+    >>> import jax, jax.numpy as jnp, fnn
+    >>> block = remat(fnn.serial(fnn.Dense(8), fnn.Gelu(), fnn.Dense(4)))
+    >>> params, state = block.init(jax.random.key(0), jnp.zeros((2, 4)))
+    >>> jax.tree.map(jnp.shape, params)
+    {'0': {'b': (8,), 'w': (4, 8)}, '2': {'b': (4,), 'w': (8, 4)}}
+    >>> block.apply(params, state, jnp.ones((2, 4)))[0].shape
+    (2, 4)
+    """
+    if not isinstance(layer, Layer):
+        raise TypeError(f"remat: layer must be a Layer (built by a factory such as Dense(10)), "
+                        f"got {type(layer).__name__}")
+    if policy is not None and not callable(policy):
+        raise TypeError(f"remat: policy must be a jax.checkpoint_policies entry (e.g. "
+                        f"jax.checkpoint_policies.dots_saveable) or None, got {policy!r}")
+    if not isinstance(prevent_cse, bool):
+        raise TypeError(f"remat: prevent_cse must be a bool, got {prevent_cse!r}")
+
+    def apply(params, state, x, *, key=None, train=False):
+        check_train(train)
+
+        def run(params, state, x, key):  # train is closed over: static, as jax.checkpoint needs
+            return layer.apply(params, state, x, key=key, train=train)
+
+        return jax.checkpoint(run, prevent_cse=prevent_cse, policy=policy)(params, state, x, key)
+
+    return Layer(layer.init, apply, f"remat({layer.name})")

@@ -3,16 +3,23 @@
 A config has these sections (see ``configs/digits_cnn.yaml``)::
 
     model:     {name: lenet, ...keyword arguments of the model factory}
-    data:      {name: digits, batch_size: 64}
+    data:      {name: digits, batch_size: 64}    # or {name: text, batch_size, seq_len, path}
     optimizer: {name: adamw, learning_rate: 0.002, ...keyword arguments of the optax optimizer}
     schedule:  {name: cosine, warmup_steps: 0}       # constant | cosine
     loss:      {name: softmax_cross_entropy, ...keyword arguments of the loss}
     epochs: 30
     seed: 0
     output_dir: runs/digits_cnn
+    # optional, with their defaults:
+    parallel: {mode: none, devices: null}  # none | pmap | sharded; devices: how many (null: all)
+    precision: float32                     # or bfloat16 / float16: compute dtype, f32 params
+    checkpoint: {every: null, keep: 3}     # save every N steps (and at the end); keep the last K
+    max_bad_steps: 10                      # stop after this many non-finite steps in a row
 
 Every key is checked: an unknown or mistyped key raises :class:`ConfigError` naming it, where it
-is, and the closest valid key.
+is, and the closest valid key. Language models (``charlstm``, ``gpt``) train on ``text`` data
+(the bundled corpus, or the UTF-8 file at ``data.path``); their ``vocab_size`` comes from the
+data. The other models train on ``digits``.
 """
 
 from __future__ import annotations
@@ -26,15 +33,28 @@ from typing import Any, Callable, Mapping
 import optax
 
 from fnn.losses import LOSSES
-from fnn.models import MLP, LeNet, ResNet
+from fnn.models import GPT, MLP, CharLSTM, LeNet, ResNet, ViT
+from fnn.train.parallel import MODES
 
-MODELS: dict[str, Callable] = {"mlp": MLP, "lenet": LeNet, "resnet": ResNet}
+MODELS: dict[str, Callable] = {"mlp": MLP, "lenet": LeNet, "resnet": ResNet, "vit": ViT,
+                               "charlstm": CharLSTM, "gpt": GPT}
+# the data each model trains on, and the model arguments that the data fills in
+MODEL_DATA: dict[str, tuple[str, tuple[str, ...]]] = {
+    "mlp": ("digits", ()), "lenet": ("digits", ()), "resnet": ("digits", ()),
+    "vit": ("digits", ()), "charlstm": ("text", ("vocab_size",)),
+    "gpt": ("text", ("vocab_size",)),
+}
 OPTIMIZERS: dict[str, Callable] = {
     "adam": optax.adam, "adamw": optax.adamw, "sgd": optax.sgd, "rmsprop": optax.rmsprop,
     "lamb": optax.lamb, "lion": optax.lion, "adafactor": optax.adafactor,
 }
 SCHEDULES = {"constant": {"warmup_steps"}, "cosine": {"warmup_steps", "end_value"}}
-DATASETS = {"digits": {"batch_size"}}
+PRECISIONS = ("float32", "bfloat16", "float16")  # presets of fnn.precision.Policy.parse
+# each data set's keys: required and optional
+DATASETS = {"digits": ({"batch_size"}, set()),
+            "text": ({"batch_size", "seq_len"}, {"path", "eval_batch_size"})}
+_OPTIONAL = {"parallel": {"mode": "none", "devices": None}, "precision": "float32",
+             "checkpoint": {"every": None, "keep": 3}, "max_bad_steps": 10}
 
 
 class ConfigError(ValueError):
@@ -50,11 +70,17 @@ class Config:
     loss: dict[str, Any]  # loss name and its keyword arguments
     epochs: int  # passes over the training set
     seed: int  # initialisation, shuffling and dropout all derive from it
-    output_dir: str  # where metrics.jsonl and plot.png are written
+    output_dir: str  # where metrics.jsonl, plot.png and checkpoints/ are written
+    parallel: dict[str, Any]  # {"mode": none | pmap | sharded, "devices": int or None (all)}
+    precision: str  # float32 | bfloat16 | float16 (the compute dtype; params stay float32)
+    checkpoint: dict[str, Any]  # {"every": steps or None (only at the end), "keep": K}
+    max_bad_steps: int  # consecutive non-finite steps before the run stops
 
 
 _TOP_LEVEL = {f.name: f.type for f in dataclasses.fields(Config)}
-_SCALARS = {"epochs": int, "seed": int, "output_dir": str}
+_REQUIRED = [key for key in _TOP_LEVEL if key not in _OPTIONAL]
+_SCALARS = {"epochs": int, "seed": int, "output_dir": str, "precision": str,
+            "max_bad_steps": int}
 
 
 def _unknown(where: str, key: str, allowed: set[str]) -> ConfigError:
@@ -93,27 +119,73 @@ def _check_signature(where: str, fn: Callable, kwargs: Mapping[str, Any], skip=(
         raise ConfigError(f"{where} is missing {', '.join(missing)}")
 
 
+def _positive_or_none(where: str, value: Any, allow_none: bool = True) -> None:
+    if value is None and allow_none:
+        return
+    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+        raise ConfigError(f"{where} must be a positive int{' or null' if allow_none else ''}, "
+                          f"got {value!r}")
+
+
+def _options(section: str, value: Any, defaults: Mapping[str, Any],
+             shorthand: str | None = None) -> dict[str, Any]:
+    """A section of optional keys: a mapping checked against ``defaults`` (missing keys take
+    the default), or a bare value for the ``shorthand`` key (``parallel: pmap``)."""
+    if shorthand is not None and not isinstance(value, Mapping):
+        value = {shorthand: value}
+    if not isinstance(value, Mapping):
+        raise ConfigError(f"{section} must be a mapping with keys {', '.join(defaults)}, got "
+                          f"{value!r}")
+    _check_keys(section, value, set(defaults))
+    return dict(defaults) | dict(value)
+
+
 def parse_config(raw: Any) -> Config:
     """Checks a config given as a mapping (e.g. loaded from YAML) and returns it."""
     if not isinstance(raw, Mapping):
         raise ConfigError(f"a config must be a mapping of sections, got {type(raw).__name__}")
     _check_keys("the config", raw, set(_TOP_LEVEL))
-    missing = [key for key in _TOP_LEVEL if key not in raw]
+    missing = [key for key in _REQUIRED if key not in raw]
     if missing:
         raise ConfigError(f"the config is missing {', '.join(missing)}")
+    raw = {key: raw.get(key, default) for key, default in _OPTIONAL.items()} | dict(raw)
     for key, kind in _SCALARS.items():
         if not isinstance(raw[key], kind) or isinstance(raw[key], bool):
             raise ConfigError(f"{key} must be {kind.__name__}, got {raw[key]!r}")
-    if raw["epochs"] <= 0:
-        raise ConfigError(f"epochs must be positive, got {raw['epochs']}")
+    for key in ("epochs", "max_bad_steps"):
+        if raw[key] <= 0:
+            raise ConfigError(f"{key} must be positive, got {raw[key]}")
+    if raw["precision"] not in PRECISIONS:
+        raise _unknown("precision", raw["precision"], set(PRECISIONS))
+    parallel = _options("parallel", raw["parallel"], _OPTIONAL["parallel"], shorthand="mode")
+    if parallel["mode"] not in MODES:
+        raise _unknown("parallel.mode", str(parallel["mode"]), set(MODES))
+    _positive_or_none("parallel.devices", parallel["devices"])
+    checkpoint = _options("checkpoint", raw["checkpoint"], _OPTIONAL["checkpoint"])
+    _positive_or_none("checkpoint.every", checkpoint["every"])
+    _positive_or_none("checkpoint.keep", checkpoint["keep"], allow_none=False)
+    raw |= {"parallel": parallel, "checkpoint": checkpoint}
 
     model_name, model_kwargs = _named_section(raw, "model", MODELS)
-    _check_signature(f"model ({model_name})", MODELS[model_name], model_kwargs)
     data_name, data_kwargs = _named_section(raw, "data", DATASETS)
-    _check_keys(f"data ({data_name})", data_kwargs, DATASETS[data_name])
-    if not isinstance(data_kwargs.get("batch_size"), int) or data_kwargs["batch_size"] <= 0:
-        raise ConfigError(f"data.batch_size must be a positive int, got "
-                          f"{data_kwargs.get('batch_size')!r}")
+    wanted_data, filled = MODEL_DATA[model_name]
+    if data_name != wanted_data:
+        raise ConfigError(f"model {model_name} trains on data {wanted_data!r}, got data "
+                          f"{data_name!r}")
+    for key in filled:
+        if key in model_kwargs:
+            raise ConfigError(f"model ({model_name}): {key} comes from the data; remove it")
+    _check_signature(f"model ({model_name})", MODELS[model_name], model_kwargs, skip=filled)
+    required, optional = DATASETS[data_name]
+    _check_keys(f"data ({data_name})", data_kwargs, required | optional)
+    for key in sorted(required):
+        if key not in data_kwargs:
+            raise ConfigError(f"data ({data_name}) is missing {key}")
+    for key in sorted((required | optional) - {"path"}):
+        if key in data_kwargs:
+            _positive_or_none(f"data.{key}", data_kwargs[key], allow_none=False)
+    if data_kwargs.get("path") is not None and not isinstance(data_kwargs["path"], str):
+        raise ConfigError(f"data.path must be a file path, got {data_kwargs['path']!r}")
     opt_name, opt_kwargs = _named_section(raw, "optimizer", OPTIMIZERS)
     _check_signature(f"optimizer ({opt_name})", OPTIMIZERS[opt_name], opt_kwargs)
     schedule_name, schedule_kwargs = _named_section(raw, "schedule", SCHEDULES)
@@ -147,6 +219,9 @@ def build_schedule(config: Config, total_steps: int) -> optax.Schedule:
     lr = config.optimizer["learning_rate"]
     kwargs = {k: v for k, v in config.schedule.items() if k != "name"}
     warmup = kwargs.get("warmup_steps", 0)
+    if warmup >= total_steps and config.schedule["name"] == "cosine":
+        raise ConfigError(f"schedule.warmup_steps ({warmup}) must be less than the run's "
+                          f"{total_steps} steps (epochs x batches per epoch)")
     if config.schedule["name"] == "constant":
         return optax.linear_schedule(0.0, lr, warmup) if warmup else optax.constant_schedule(lr)
     return optax.warmup_cosine_decay_schedule(0.0 if warmup else lr, lr, warmup, total_steps,
@@ -158,9 +233,22 @@ def build_optimizer(config: Config, total_steps: int) -> optax.GradientTransform
     return OPTIMIZERS[config.optimizer["name"]](build_schedule(config, total_steps), **kwargs)
 
 
-def build_model(config: Config):
-    kwargs = {k: v for k, v in config.model.items() if k != "name"}
-    return MODELS[config.model["name"]](**kwargs)
+def build_model(config: Config, **filled: Any):
+    """The config's model, wrapped in its precision policy. ``filled``: the arguments that come
+    from the data (``vocab_size``). Under ``parallel: pmap`` a model that takes an
+    ``axis_name`` (BatchNorm statistics) gets the data axis unless the config sets one."""
+    from fnn.precision import Policy, with_policy
+    from fnn.train.parallel import DATA_AXIS
+
+    name = config.model["name"]
+    kwargs = {k: v for k, v in config.model.items() if k != "name"} | filled
+    factory = MODELS[name]
+    if (config.parallel["mode"] == "pmap" and "axis_name" not in kwargs
+            and "axis_name" in inspect.signature(factory).parameters):
+        kwargs["axis_name"] = DATA_AXIS
+    model = factory(**kwargs)
+    return model if config.precision == "float32" else with_policy(
+        model, Policy.parse(config.precision))
 
 
 def build_loss(config: Config):

@@ -264,3 +264,24 @@ def summary(model: Layer, x: Spec, *, train: bool = False) -> str:
     lines.append(f"total: {param_count(params):,} parameters, {param_bytes(params):,} bytes; "
                  f"state: {param_count(state):,} values")
     return "\n".join(lines)
+
+
+@contextlib.contextmanager
+def record_layers() -> Iterator[list[tuple[str, str, Any, Params]]]:
+    """Collects a row ``(path, layer name, output, params)`` for every child layer applied
+    inside the block, listed parent before child (the order in which the calls start)::
+
+        with record_layers() as rows:
+            y, _ = model.apply(params, state, x)
+        # rows: [("encoder", "serial", ...), ("encoder/0", "Dense", ...), ...]
+
+    The model itself (the outermost call) has no row. Outputs of layers applied inside a traced
+    computation (the body of a ``lax.scan``, a ``jax.checkpoint``, a ``jit``) are tracers of that
+    computation: only their shape and dtype may be read after it.
+    """
+    rows: list = []
+    token = _RECORD.set(rows)
+    try:
+        yield rows
+    finally:
+        _RECORD.reset(token)

@@ -62,6 +62,14 @@ def accuracy(logits: jax.Array, labels: jax.Array) -> jax.Array:
     return jnp.mean((jnp.argmax(logits, -1) == labels).astype(jnp.float32))
 
 
+def bits_per_char(logits: jax.Array, labels: jax.Array) -> jax.Array:
+    """Mean cross-entropy in bits (``log2``, not ``ln``) of ``logits: [..., vocab]`` against
+    integer ``labels: [...]``: a language model's bits per character (or per token)."""
+    _check_labels("bits_per_char", logits, labels)
+    nats = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), labels)
+    return nats.mean() / jnp.log(jnp.asarray(2.0, jnp.float32))
+
+
 LOSSES = {
     "softmax_cross_entropy": softmax_cross_entropy,
     "binary_cross_entropy": binary_cross_entropy,

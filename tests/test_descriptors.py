@@ -17,8 +17,10 @@ import numpy as np
 import pytest
 
 import fnn
+from fnn.combinators import remat
 from fnn.layers import ACTIVATIONS
 from fnn.models import MLP, LeNet, ResNet
+from fnn.precision import Policy, with_policy
 
 
 @dataclasses.dataclass(frozen=True)
@@ -121,6 +123,20 @@ DESCRIPTORS = [
                (2, 8, 8, 1), batch_stats=True),
     Descriptor("ResNet-bottleneck", lambda: ResNet((1, 1), block="bottleneck", num_classes=3,
                                                    width=4), (2, 16, 16, 3), batch_stats=True),
+    Descriptor("remat", lambda: remat(fnn.serial(fnn.Dense(8), fnn.Gelu(), fnn.Dropout(0.2),
+                                                 fnn.Dense(5))), (3, 5), stochastic=True),
+    Descriptor("remat-dots-batchnorm",
+               lambda: remat(fnn.serial(fnn.Dense(4), fnn.BatchNorm(momentum=0.9)),
+                             policy=jax.checkpoint_policies.dots_saveable, prevent_cse=False),
+               (4, 5), batch_stats=True),
+    # bfloat16 outputs, which test_bfloat16_inputs_run_in_bfloat16 asks of every layer; float32
+    # compute, as jit and eager round bfloat16 intermediates differently (by one bfloat16 ulp,
+    # beyond this table's tolerances). bfloat16 compute is tested in test_precision.py.
+    Descriptor("with_policy-bfloat16-output",
+               lambda: with_policy(fnn.serial(fnn.Dense(8), fnn.LayerNorm(), fnn.Gelu(),
+                                              fnn.Dense(3)),
+                                   Policy(compute_dtype=jnp.float32, output_dtype=jnp.bfloat16)),
+               (3, 5)),
 ]
 
 

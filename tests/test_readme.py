@@ -17,4 +17,4 @@ def test_readme_example_runs():
     assert shapes == {"0": {"b": (32,), "w": (3, 3, 1, 32)}, "4": {"b": (128,), "w": (512, 128)},
                       "head": {"b": (10,), "w": (128, 10)}}
     assert namespace["per_example"].shape == (64, 10)
-    assert set(namespace["metrics"]) == {"loss", "accuracy"}
+    assert set(namespace["metrics"]) == {"loss", "accuracy", "skipped", "bad_streak"}

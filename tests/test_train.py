@@ -98,7 +98,8 @@ def test_train_step_lowers_the_loss_and_counts_steps(key):
     assert int(ts.step) == 20
     assert float(after["loss"]) < 0.5 * float(before["loss"])
     assert float(after["accuracy"]) > 0.9
-    assert set(metrics) == {"loss", "accuracy"}
+    assert set(metrics) == {"loss", "accuracy", "skipped", "bad_streak"}
+    assert int(metrics["skipped"]) == 0 and int(metrics["bad_streak"]) == 0
 
 
 def test_train_step_updates_batchnorm_state(key):

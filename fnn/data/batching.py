@@ -11,6 +11,12 @@ def num_batches(n: int, batch_size: int, drop_remainder: bool) -> int:
     return n // batch_size if drop_remainder else -(-n // batch_size)
 
 
+def epoch_order(n: int, seed: int, epoch: int) -> np.ndarray:
+    """The shuffled order of ``n`` examples in ``epoch``: a permutation drawn from
+    ``(seed, epoch)`` alone, so any epoch can be replayed."""
+    return np.random.default_rng([seed, epoch]).permutation(n)
+
+
 def batches(x: np.ndarray, y: np.ndarray, batch_size: int, *, seed: int | None = None,
             epoch: int = 0, drop_remainder: bool = True) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """Yields ``(x[i], y[i])`` batches of ``batch_size`` along the first axis.
@@ -27,8 +33,7 @@ def batches(x: np.ndarray, y: np.ndarray, batch_size: int, *, seed: int | None =
     if drop_remainder and batch_size > len(x):
         raise ValueError(f"batches: batch_size {batch_size} is larger than the data ({len(x)} "
                          f"examples) and drop_remainder is set, so there would be no batch")
-    order = (np.arange(len(x)) if seed is None
-             else np.random.default_rng([seed, epoch]).permutation(len(x)))
+    order = np.arange(len(x)) if seed is None else epoch_order(len(x), seed, epoch)
     for b in range(num_batches(len(x), batch_size, drop_remainder)):
         index = order[b * batch_size:(b + 1) * batch_size]
         yield x[index], y[index]

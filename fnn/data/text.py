@@ -119,6 +119,12 @@ def num_sequence_batches(n: int, batch_size: int, seq_len: int) -> int:
     return max(0, (n - 1) // seq_len) // batch_size
 
 
+def window_starts(n: int, count: int, seq_len: int, seed: int, epoch: int) -> np.ndarray:
+    """``count`` random window starts in ``[0, n - seq_len)`` drawn from ``(seed, epoch)``
+    alone (each window holds ``seq_len + 1`` ids: inputs and next-id targets)."""
+    return np.random.default_rng([seed, epoch]).integers(0, n - seq_len, size=count)
+
+
 def sequence_batches(ids: np.ndarray, batch_size: int, seq_len: int, *, seed: int | None = None,
                      epoch: int = 0) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """Yields ``(x, y)``, each ``int32[batch_size, seq_len]``, with ``y = ids[s + 1: s + 1 +
@@ -138,8 +144,7 @@ def sequence_batches(ids: np.ndarray, batch_size: int, seq_len: int, *, seed: in
     if seed is None:
         starts = np.arange(count * batch_size) * seq_len
     else:
-        rng = np.random.default_rng([seed, epoch])
-        starts = rng.integers(0, len(ids) - seq_len, size=count * batch_size)
+        starts = window_starts(len(ids), count * batch_size, seq_len, seed, epoch)
     offsets = np.arange(seq_len + 1)
     for b in range(count):
         window = ids[starts[b * batch_size:(b + 1) * batch_size, None] + offsets]

@@ -31,7 +31,8 @@ def Embedding(num_embeddings: int, features: int, *,
     def apply(params, state, x, *, key=None, train=False):
         if not jnp.issubdtype(jnp.result_type(x), jnp.integer):
             raise shape_error("Embedding", "integer ids int[...]", x)
-        dt = dtype if dtype is not None else param_dtype
+        # the table's own dtype, not param_dtype: a precision policy hands in a cast table
+        dt = dtype if dtype is not None else params["table"].dtype
         return jnp.take(params["table"], x, axis=0).astype(dt), state
 
     return Layer(init, apply, "Embedding")

@@ -1,29 +1,50 @@
-"""The training loop: epochs of jitted train steps with a progress bar, evaluation after each
-epoch, and a history of metrics."""
+"""The training loop: jitted (optionally data-parallel) train steps over a task's batches, with a
+progress bar, periodic evaluation, checkpoints, resume, and a stop after too many non-finite
+steps in a row."""
 
 from __future__ import annotations
 
 import time
-from typing import Any, Callable, Mapping
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
 
 import jax
 import numpy as np
 import optax
 
 from fnn.core import Layer
-from fnn.data import Split, batches, num_batches
+from fnn.data import Split, batches
+from fnn.train.checkpoint import latest_step, restore_checkpoint, save_checkpoint
+from fnn.train.debug import find_nonfinite
+from fnn.train.parallel import data_parallel
 from fnn.train.state import TrainState, create_train_state
-from fnn.train.step import DEFAULT_METRICS, Loss, Metric, make_eval_step, make_train_step
+from fnn.train.step import DEFAULT_METRICS, Loss, Metric, make_eval_step
+from fnn.train.tasks import Task, classification_task
+
+# per-step entries of the step's metrics that are counters, not averaged into the history
+_COUNTERS = ("skipped", "bad_streak")
+
+
+class NonFiniteError(RuntimeError):
+    """Too many consecutive train steps had a non-finite loss or gradient."""
 
 
 def evaluate(eval_step, params, state, x: np.ndarray, y: np.ndarray,
              batch_size: int) -> dict[str, float]:
     """Metrics over all of ``(x, y)``: batch means weighted by batch size."""
+    return evaluate_batches(eval_step, params, state,
+                            batches(x, y, batch_size, drop_remainder=False))
+
+
+def evaluate_batches(eval_step, params, state, data) -> dict[str, float]:
+    """Metrics over every ``(x, y)`` batch of ``data``, weighted by batch size."""
     totals: dict[str, float] = {}
-    for xb, yb in batches(x, y, batch_size, drop_remainder=False):
+    count = 0
+    for xb, yb in data:
         for name, value in eval_step(params, state, xb, yb).items():
             totals[name] = totals.get(name, 0.0) + float(value) * len(xb)
-    return {name: total / len(x) for name, total in totals.items()}
+        count += len(xb)
+    return {name: total / count for name, total in totals.items()}
 
 
 class _NoBar:
@@ -37,53 +58,185 @@ class _NoBar:
         pass
 
 
-def _progress_bar(total: int, show: bool):
+def _progress_bar(total: int, initial: int, show: bool):
     if not show:
         return _NoBar()
     from tqdm import tqdm
 
-    return tqdm(total=total, unit="step", dynamic_ncols=True)
+    return tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True)
+
+
+class _TrainMeans:
+    """Running sums of the per-step train metrics since the last history row; skipped steps
+    (non-finite) are left out. Kept as Python floats so a checkpoint can carry them."""
+
+    def __init__(self, sums: Mapping[str, float] | None = None, count: int = 0):
+        self.sums = dict(sums or {})
+        self.count = count
+
+    def add(self, metrics: Mapping[str, Any]) -> None:
+        if int(metrics["skipped_now"]):
+            return
+        for name, value in metrics.items():
+            if name not in _COUNTERS and name != "skipped_now":
+                self.sums[name] = self.sums.get(name, 0.0) + float(value)
+        self.count += 1
+
+    def means(self) -> dict[str, float]:
+        return {name: (total / self.count if self.count else float("nan"))
+                for name, total in self.sums.items()}
+
+
+def _local_rows(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """This process's share of a global batch: rows ``[i * B / P, (i + 1) * B / P)``."""
+    count, index = jax.process_count(), jax.process_index()
+    if count == 1:
+        return x, y
+    if len(x) % count:
+        raise ValueError(f"the global batch size {len(x)} does not divide by the number of "
+                         f"processes {count}")
+    share = len(x) // count
+    return x[index * share:(index + 1) * share], y[index * share:(index + 1) * share]
+
+
+def train(model: Layer, optimizer: optax.GradientTransformation, loss: Loss, task: Task, *,
+          num_steps: int, seed: int = 0, eval_every: int | None = None,
+          parallel: str = "none", devices: Sequence[Any] | None = None,
+          checkpoint_dir: str | Path | None = None, checkpoint_every: int | None = None,
+          keep: int = 3, resume: bool = False, max_bad_steps: int = 10,
+          on_log: Callable[[dict[str, Any]], None] | None = None,
+          progress: bool = True) -> tuple[TrainState, list[dict[str, Any]]]:
+    """Trains ``model`` on ``task`` for ``num_steps`` steps; returns the final train state and
+    the history.
+
+    - History: a row every ``eval_every`` steps (default: one epoch) and after the last step,
+      with ``step``, ``epoch`` (steps / steps per epoch), ``train_<metric>`` (the mean over the
+      steps since the previous row, skipped steps left out), ``<eval_name>_<metric>`` on the
+      task's held-out data, ``skipped`` (non-finite steps so far) and ``seconds``. ``on_log``
+      is called with each row as it is made.
+    - ``parallel``: ``"none"``, ``"pmap"`` or ``"sharded"`` over ``devices`` (default: every
+      local device); see :func:`fnn.train.data_parallel`. With several processes each feeds
+      its share of every global batch (rows ``[i * B / P, (i + 1) * B / P)``).
+    - Checkpoints: with ``checkpoint_dir`` the whole run (train state, the data position, the
+      history so far) is saved every ``checkpoint_every`` steps and after the last step,
+      keeping the last ``keep``. With ``resume`` the run continues from the latest checkpoint
+      there (if any) and ends exactly as the uninterrupted run would: batches are a function of
+      the step, and every random key derives from the seed and the step.
+    - A step whose loss or gradient is not finite changes nothing and is counted; after
+      ``max_bad_steps`` such steps in a row :class:`NonFiniteError` is raised, naming the first
+      layer whose output or gradient is not finite on the last bad batch.
+
+    The same seed gives the same result: initialisation, shuffling and dropout all derive from
+    it.
+    """
+    if not isinstance(num_steps, int) or num_steps <= 0:
+        raise ValueError(f"train: num_steps must be a positive int, got {num_steps!r}")
+    eval_every = task.steps_per_epoch if eval_every is None else eval_every
+    if max_bad_steps < 1:
+        raise ValueError(f"train: max_bad_steps must be at least 1, got {max_bad_steps}")
+    runner = data_parallel(model, optimizer, loss, task.metrics, mode=parallel, devices=devices)
+    ts = create_train_state(model, optimizer, jax.random.key(seed), task.example)
+    history: list[dict[str, Any]] = []
+    means = _TrainMeans()
+    seconds_before = 0.0
+    if resume and checkpoint_dir is not None and latest_step(checkpoint_dir) is not None:
+        ts, meta = restore_checkpoint(checkpoint_dir, ts)
+        history = list(meta["history"])
+        means = _TrainMeans(meta["train_sums"], meta["train_count"])
+        seconds_before = history[-1]["seconds"] if history else 0.0
+    start = int(ts.step)
+    if start > num_steps:
+        raise ValueError(f"train: the checkpoint in {checkpoint_dir} is at step {start}, past "
+                         f"the run's {num_steps} steps")
+    eval_step = make_eval_step(model, loss, task.metrics)
+    writer = jax.process_index() == 0
+    bar = _progress_bar(num_steps, start, progress and writer)
+    clock = time.perf_counter()
+
+    def host_metrics(m) -> dict[str, float]:
+        m = jax.device_get(m)
+        return {name: float(v) for name, v in m.items()} | {
+            "skipped_now": int(m["bad_streak"] > 0)}
+
+    def check_streak(step: int, m: Mapping[str, float], batch) -> None:
+        streak = int(m["bad_streak"])
+        if streak < max_bad_steps:
+            return
+        state = runner.get_state(pts)
+        x, y = batch
+        found = find_nonfinite(model, state.params, state.state, x, y, loss,
+                               key=jax.random.fold_in(state.key, step))
+        bar.close()
+        raise NonFiniteError(
+            f"{streak} consecutive train steps (steps {step - streak + 1} to {step}) had a "
+            f"non-finite loss or gradient and were skipped, so the parameters are those of step "
+            f"{step - streak + 1}; stopping (max_bad_steps={max_bad_steps}). On the last bad "
+            f"batch: {found or 'the debug pass found every output and gradient finite'}")
+
+    pts = runner.put_state(ts)
+    pending = None  # the previous step's (step, metrics, batch): read after the next dispatch
+    for step in range(start, num_steps):
+        batch = task.batch(step)
+        pts, m = runner.step(pts, *runner.put_batch(*_local_rows(*batch)))
+        if pending is not None:
+            done, previous_m, previous_batch = pending
+            previous = host_metrics(previous_m)
+            means.add(previous)
+            check_streak(done, previous, previous_batch)
+        pending = (step + 1, m, batch)
+        bar.update()
+        last = step + 1 == num_steps
+        if last or (step + 1) % eval_every == 0 or (
+                checkpoint_every and (step + 1) % checkpoint_every == 0):
+            done, current_m, current_batch = pending
+            current = host_metrics(current_m)
+            means.add(current)
+            pending = None
+            check_streak(done, current, current_batch)
+            if last or (step + 1) % eval_every == 0:
+                state = runner.get_state(pts)
+                held_out = evaluate_batches(eval_step, state.params, state.state,
+                                            task.eval_batches())
+                epochs, index = divmod(step + 1, task.steps_per_epoch)
+                row = {"step": step + 1, "epoch": epochs if index == 0 else
+                       round((step + 1) / task.steps_per_epoch, 4)}
+                row |= {f"train_{k}": v for k, v in means.means().items()}
+                row |= {f"{task.eval_name}_{k}": v for k, v in held_out.items()}
+                row["skipped"] = int(current["skipped"])
+                row["seconds"] = round(seconds_before + time.perf_counter() - clock, 3)
+                history.append(row)
+                means = _TrainMeans()
+                bar.set_postfix({"loss": f"{row['train_loss']:.4f}"}
+                                | {k: f"{v:.4f}" for k, v in held_out.items()}, refresh=True)
+                if on_log is not None and writer:
+                    on_log(row)
+            if checkpoint_dir is not None and writer and (
+                    last or (checkpoint_every and (step + 1) % checkpoint_every == 0)):
+                epochs, index = divmod(step + 1, task.steps_per_epoch)
+                save_checkpoint(checkpoint_dir, step + 1, runner.get_state(pts), keep=keep,
+                                metadata={"step": step + 1, "next_epoch": epochs + 1,
+                                          "next_batch_in_epoch": index, "history": history,
+                                          "train_sums": means.sums,
+                                          "train_count": means.count})
+    bar.close()
+    return runner.get_state(pts), history
 
 
 def fit(model: Layer, optimizer: optax.GradientTransformation, data: Split, loss: Loss, *,
         epochs: int, batch_size: int, seed: int = 0,
         metrics: Mapping[str, Metric] = DEFAULT_METRICS, eval_batch_size: int = 512,
         on_epoch: Callable[[dict[str, Any]], None] | None = None,
-        progress: bool = True) -> tuple[TrainState, list[dict[str, Any]]]:
-    """Trains ``model`` on ``data.x_train`` for ``epochs`` epochs and evaluates on ``data.x_test``
-    after each one.
+        progress: bool = True, **options: Any) -> tuple[TrainState, list[dict[str, Any]]]:
+    """Trains a classifier on ``data.x_train`` for ``epochs`` epochs and evaluates on
+    ``data.x_test`` after each one: :func:`train` on a
+    :func:`~fnn.train.tasks.classification_task`.
 
-    Returns the final train state and the history: one dict per epoch with ``epoch``, ``step``,
-    ``train_<metric>`` (the mean over the epoch's steps), ``test_<metric>`` and ``seconds``.
-    ``on_epoch`` is called with each history row as it is made. The same seed gives the same
-    result: initialisation, shuffling and dropout all derive from it.
+    Returns the final train state and the history: one row per epoch with ``epoch``, ``step``,
+    ``train_<metric>`` (the mean over the epoch's steps), ``test_<metric>``, ``skipped`` and
+    ``seconds``. ``on_epoch`` is called with each row as it is made. ``options`` are passed to
+    :func:`train` (``parallel``, ``checkpoint_dir``, ``resume``, ...).
     """
-    ts = create_train_state(model, optimizer, jax.random.key(seed), data.x_train[:batch_size])
-    train_step = make_train_step(model, optimizer, loss, metrics)
-    eval_step = make_eval_step(model, loss, metrics)
-    steps_per_epoch = num_batches(len(data.x_train), batch_size, drop_remainder=True)
-    history = []
-    bar = _progress_bar(epochs * steps_per_epoch, progress)
-    start = time.perf_counter()
-    for epoch in range(1, epochs + 1):
-        step_metrics = []
-        for xb, yb in batches(data.x_train, data.y_train, batch_size, seed=seed, epoch=epoch):
-            ts, m = train_step(ts, xb, yb)
-            step_metrics.append(m)
-            bar.update()
-        train = {name: float(np.mean([m[name] for m in step_metrics]))
-                 for name in step_metrics[0]}
-        test = evaluate(eval_step, ts.params, ts.state, data.x_test, data.y_test,
-                        eval_batch_size)
-        row = {"epoch": epoch, "step": int(ts.step)}
-        row |= {f"train_{k}": v for k, v in train.items()}
-        row |= {f"test_{k}": v for k, v in test.items()}
-        row["seconds"] = round(time.perf_counter() - start, 3)
-        history.append(row)
-        bar.set_postfix({"epoch": epoch, "loss": f"{row['train_loss']:.4f}"}
-                        | {k: f"{v:.4f}" for k, v in row.items() if k.startswith("test_")},
-                        refresh=True)
-        if on_epoch is not None:
-            on_epoch(row)
-    bar.close()
-    return ts, history
+    task = classification_task(data, batch_size, seed=seed, eval_batch_size=eval_batch_size,
+                               metrics=metrics)
+    return train(model, optimizer, loss, task, num_steps=epochs * task.steps_per_epoch,
+                 seed=seed, on_log=on_epoch, progress=progress, **options)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from typing import Any, NamedTuple
 
 import jax
@@ -15,15 +16,34 @@ class TrainState(NamedTuple):
     params: Params  # trainable parameters
     state: State  # non-trained model state (e.g. BatchNorm running statistics)
     opt_state: optax.OptState  # the optimizer's state
-    step: jax.Array  # int32 scalar: steps taken so far
+    step: jax.Array  # int32 scalar: steps taken so far, skipped ones included
     key: jax.Array  # base random key; step i uses fold_in(key, i), so no key is carried forward
+    skipped: jax.Array  # int32 scalar: steps skipped so far because the loss or a gradient was
+    #                     not finite (params, state and opt_state were left as they were)
+    bad_streak: jax.Array  # int32 scalar: consecutive skipped steps ending at this step; a
+    #                        finite step resets it to 0
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1, 2))
+def _compiled_init(init, treedef, spec_leaves, key):
+    """``init(key, spec)`` as one compiled program instead of one small compilation per
+    parameter initialiser. The init function and the input spec are static, so a second train
+    state for the same model and input shapes reuses the compiled program."""
+    return init(key, jax.tree.unflatten(treedef, spec_leaves))
 
 
 def create_train_state(model: Layer, optimizer: optax.GradientTransformation, key: jax.Array,
                        x: Any) -> TrainState:
-    """Initialises ``model`` for inputs shaped like ``x`` and ``optimizer`` for its params."""
+    """Initialises ``model`` for inputs shaped like ``x`` and ``optimizer`` for its params.
+
+    ``step``, ``skipped`` and ``bad_streak`` start at 0.
+    """
     init_key, train_key = jax.random.split(key)
-    spec = as_spec(x)
-    # one compiled init instead of one small compilation per parameter initialiser
-    params, state = jax.jit(lambda k: model.init(k, spec))(init_key)
-    return TrainState(params, state, optimizer.init(params), jnp.zeros((), jnp.int32), train_key)
+    leaves, treedef = jax.tree.flatten(as_spec(x))
+    params, state = _compiled_init(model.init, treedef, tuple(leaves), init_key)
+    # three separate buffers: a donating step must not see one buffer twice
+    step, skipped, bad_streak = (jnp.zeros((), jnp.int32) for _ in range(3))
+    # optax mixes dtypes (e.g. a float32 hyper-parameter with bfloat16 params), as in the step
+    with jax.numpy_dtype_promotion("standard"):
+        opt_state = optimizer.init(params)
+    return TrainState(params, state, opt_state, step, train_key, skipped, bad_streak)

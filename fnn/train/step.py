@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Callable, Mapping
+import functools
+from typing import Any, Callable, Mapping
 
 import jax
+import jax.numpy as jnp
 import optax
+from jax import lax
 
 from fnn.core import Layer
 from fnn.losses import accuracy
@@ -17,9 +20,31 @@ DEFAULT_METRICS: Mapping[str, Metric] = {"accuracy": accuracy}
 
 
 def train_step_fn(model: Layer, optimizer: optax.GradientTransformation, loss: Loss,
-                  metrics: Mapping[str, Metric] = DEFAULT_METRICS):
+                  metrics: Mapping[str, Metric] = DEFAULT_METRICS, *,
+                  axis_name: str | None = None):
     """The un-jitted train step ``(train_state, x, y) -> (train_state, metrics)``: one gradient
-    step on the batch, in training mode, with the step's own key ``fold_in(key, step)``."""
+    step on the batch, in training mode, with the step's own key ``fold_in(key, step)``.
+
+    The returned metrics map ``"loss"``, every name in ``metrics``, ``"skipped"`` and
+    ``"bad_streak"`` (the new train state's int32 counters) to scalars.
+
+    Non-finite steps are skipped inside the step, without a host round trip: when the loss or any
+    gradient is NaN or infinite, params, model state and optimizer state stay as they were,
+    ``skipped`` and ``bad_streak`` grow by one, and ``step`` still advances (so a loop moves on to
+    the next batch). A finite step resets ``bad_streak`` to 0. A loop can stop a run that keeps
+    failing by reading ``bad_streak``. The choice is a ``lax.cond`` on the device: the update
+    runs in place on donated buffers, and a skipped step costs no update at all.
+
+    With ``axis_name`` the step is the per-device body of a ``jax.pmap`` or ``jax.shard_map``
+    over that axis, each device holding a replica of the train state and its shard of the batch
+    ``x: [batch / devices, ...]``. The gradients, loss and metrics are averaged over the axis,
+    so that one step equals a single-device step on the whole batch, and so are the floating
+    leaves of the model's new state (BatchNorm running statistics computed without an
+    ``axis_name`` of its own; averaging statistics a model already synced leaves them as they
+    are). Whether a step is finite is decided after the average, so every replica makes the same
+    choice and the replicas stay identical. Each device draws its dropout key as
+    ``fold_in(fold_in(key, step), device index)``, so devices drop different units.
+    """
 
     def objective(params, state, x, y, key):
         outputs, new_state = model.apply(params, state, x, key=key, train=True)
@@ -27,17 +52,67 @@ def train_step_fn(model: Layer, optimizer: optax.GradientTransformation, loss: L
 
     def step(ts: TrainState, x, y):
         key = jax.random.fold_in(ts.key, ts.step)
+        params = ts.params
+        if axis_name is not None:
+            key = jax.random.fold_in(key, lax.axis_index(axis_name))
+            # Differentiate each device's own loss with respect to a per-device copy of the
+            # params, then average explicitly. Under shard_map the gradient of a replicated
+            # (invariant) parameter is otherwise summed over devices by the transpose of the
+            # implicit broadcast, while under pmap it is not: marking the params as varying
+            # gives the local gradient in both, and the pmean below the global mean.
+            params = jax.tree.map(functools.partial(_as_varying, axis_name=axis_name), params)
         (value, (outputs, new_state)), grads = jax.value_and_grad(objective, has_aux=True)(
-            ts.params, ts.state, x, y, key)
+            params, ts.state, x, y, key)
+        results = {"loss": value} | {name: fn(outputs, y) for name, fn in metrics.items()}
+        if axis_name is not None:
+            grads, results = lax.pmean((grads, results), axis_name)
+            new_state = _mean_floating(new_state, axis_name)
+        # decided after the mean: every replica sees the same loss and gradients
+        ok = _all_finite(results["loss"], grads)
         # optax mixes Python scalars with int32 step counts; keep it working when the user
         # runs with jax_numpy_dtype_promotion="strict" (the model itself is strict-clean)
         with jax.numpy_dtype_promotion("standard"):
-            updates, opt_state = optimizer.update(grads, ts.opt_state, ts.params)
-            params = optax.apply_updates(ts.params, updates)
-        results = {"loss": value} | {name: fn(outputs, y) for name, fn in metrics.items()}
-        return TrainState(params, new_state, opt_state, ts.step + 1, ts.key), results
+            # a cond, not a select of new against old values: the update then runs in place
+            # on the donated buffers, where a select costs a copy of the optimizer state
+            updated = jax.eval_shape(apply_update, grads, ts, new_state)
+            params, state, opt_state = lax.cond(ok, apply_update, functools.partial(
+                keep, updated=updated), grads, ts, new_state)
+        skipped = ts.skipped + (~ok).astype(jnp.int32)
+        bad_streak = jnp.where(ok, jnp.zeros_like(ts.bad_streak), ts.bad_streak + 1)
+        new_ts = TrainState(params, state, opt_state, ts.step + 1, ts.key, skipped, bad_streak)
+        return new_ts, results | {"skipped": skipped, "bad_streak": bad_streak}
+
+    def apply_update(grads, ts: TrainState, new_state):
+        updates, opt_state = optimizer.update(grads, ts.opt_state, ts.params)
+        return optax.apply_updates(ts.params, updates), new_state, opt_state
+
+    def keep(grads, ts: TrainState, new_state, *, updated):
+        # in the dtypes of the update: an optimizer may promote its state (bfloat16 moments
+        # with float32 hyper-parameters), and both branches must agree
+        return jax.tree.map(lambda old, new: old if old.dtype == new.dtype else
+                            old.astype(new.dtype), (ts.params, ts.state, ts.opt_state), updated)
 
     return step
+
+
+def _as_varying(a: jax.Array, axis_name: str) -> jax.Array:
+    """``a`` marked as varying over ``axis_name`` (one value per device)."""
+    try:
+        return lax.pcast(a, axis_name, to="varying")
+    except ValueError:  # it varies already: a per-device copy, as in pmap's stacked layout
+        return a
+
+
+def _all_finite(loss: jax.Array, grads: Any) -> jax.Array:
+    """A bool scalar: ``loss`` and every gradient element are finite."""
+    checks = [jnp.isfinite(loss)] + [jnp.all(jnp.isfinite(g)) for g in jax.tree.leaves(grads)]
+    return jnp.stack(checks).all()
+
+
+def _mean_floating(tree: Any, axis_name: str) -> Any:
+    """The mean over ``axis_name`` of every floating leaf; other leaves (counters) unchanged."""
+    return jax.tree.map(
+        lambda a: lax.pmean(a, axis_name) if jnp.issubdtype(a.dtype, jnp.inexact) else a, tree)
 
 
 def make_train_step(model: Layer, optimizer: optax.GradientTransformation, loss: Loss,

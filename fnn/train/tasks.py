@@ -1,0 +1,113 @@
+"""What a training run trains on: a task turns a step number into that step's batch and knows
+how to evaluate a model on its held-out data.
+
+Batches are a pure function of ``(seed, step)``, never of a live iterator, so a run resumed from
+a checkpoint at step ``s`` sees exactly the batches the uninterrupted run would have seen after
+``s``: the data iterator's position *is* the step.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Callable, Iterator, Mapping, NamedTuple
+
+import jax
+import numpy as np
+
+from fnn.data.batching import batches, epoch_order, num_batches
+from fnn.data.digits import Split
+from fnn.data.text import TextSplit, num_sequence_batches, sequence_batches, window_starts
+from fnn.losses import accuracy, bits_per_char
+
+Metric = Callable[[jax.Array, jax.Array], jax.Array]
+
+
+class Task(NamedTuple):
+    """A training task.
+
+    - ``example``: one training batch's inputs (shape and dtype), to initialise the model.
+    - ``steps_per_epoch``: whole batches in one pass over the training data.
+    - ``batch(step)``: the training batch ``(x, y)`` of global step ``step`` (from 0); epoch
+      ``step // steps_per_epoch + 1``, shuffled from ``(seed, epoch)``.
+    - ``eval_batches()``: the held-out data as ``(x, y)`` batches; metrics are averaged over
+      them weighted by batch size.
+    - ``eval_name``: the prefix of held-out metrics in the history (``"test"``, ``"valid"``).
+    - ``metrics``: metric functions ``(outputs, targets) -> scalar`` besides the loss.
+    """
+
+    example: np.ndarray
+    steps_per_epoch: int
+    batch: Callable[[int], tuple[np.ndarray, np.ndarray]]
+    eval_batches: Callable[[], Iterator[tuple[np.ndarray, np.ndarray]]]
+    eval_name: str
+    metrics: Mapping[str, Metric]
+
+
+def _epoch_of(step: int, steps_per_epoch: int) -> tuple[int, int]:
+    """``(epoch from 1, batch index within the epoch)`` of a global step."""
+    return step // steps_per_epoch + 1, step % steps_per_epoch
+
+
+def classification_task(data: Split, batch_size: int, *, seed: int = 0,
+                        eval_batch_size: int = 512,
+                        metrics: Mapping[str, Metric] | None = None) -> Task:
+    """Shuffled mini-batches of ``data.x_train``; evaluation on ``data.x_test`` (``"test"``).
+
+    The batches are those of :func:`fnn.data.batches` with ``seed`` and ``epoch``, in order.
+    """
+    steps = num_batches(len(data.x_train), batch_size, drop_remainder=True)
+    if steps == 0:
+        raise ValueError(f"classification_task: batch_size {batch_size} is larger than the "
+                         f"training set ({len(data.x_train)} examples)")
+    order = functools.lru_cache(maxsize=2)(
+        lambda epoch: epoch_order(len(data.x_train), seed, epoch))
+
+    def batch(step: int):
+        epoch, i = _epoch_of(step, steps)
+        index = order(epoch)[i * batch_size:(i + 1) * batch_size]
+        return data.x_train[index], data.y_train[index]
+
+    return Task(data.x_train[:batch_size], steps, batch,
+                lambda: batches(data.x_test, data.y_test, eval_batch_size, drop_remainder=False),
+                "test", {"accuracy": accuracy} if metrics is None else metrics)
+
+
+def language_model_task(text: TextSplit, batch_size: int, seq_len: int, *, seed: int = 0,
+                        eval_batch_size: int | None = None) -> Task:
+    """Next-character prediction: windows ``int32[batch_size, seq_len]`` at random starts of the
+    training ids (drawn from ``(seed, epoch)``, as :func:`fnn.data.sequence_batches` with a
+    seed); evaluation on consecutive windows of the validation ids (``"valid"``), reporting
+    ``bits_per_char`` and ``accuracy``. An epoch has as many batches as non-overlapping windows
+    fit the training text."""
+    steps = num_sequence_batches(len(text.train), batch_size, seq_len)
+    if steps == 0:
+        raise ValueError(f"language_model_task: {len(text.train)} training characters are too "
+                         f"few for one batch of {batch_size} windows of {seq_len} (+1)")
+    eval_batch_size = batch_size if eval_batch_size is None else eval_batch_size
+    eval_windows = num_sequence_batches(len(text.valid), 1, seq_len)
+    if eval_windows == 0:
+        raise ValueError(f"language_model_task: {len(text.valid)} validation characters are "
+                         f"too few for one window of seq_len {seq_len} (+1)")
+    train = np.asarray(text.train, np.int32)
+    starts = functools.lru_cache(maxsize=2)(
+        lambda epoch: window_starts(len(train), steps * batch_size, seq_len, seed, epoch))
+    offsets = np.arange(seq_len + 1)
+
+    def batch(step: int):
+        epoch, i = _epoch_of(step, steps)
+        window = train[starts(epoch)[i * batch_size:(i + 1) * batch_size, None] + offsets]
+        return window[:, :-1], window[:, 1:]
+
+    def eval_batches():
+        # every whole validation window once, in batches of up to eval_batch_size
+        size = min(eval_batch_size, eval_windows)
+        full = sequence_batches(text.valid, size, seq_len)
+        yield from full
+        done = num_sequence_batches(len(text.valid), size, seq_len) * size
+        if done < eval_windows:  # the last, smaller batch
+            yield from sequence_batches(text.valid[done * seq_len:], eval_windows - done,
+                                        seq_len)
+
+    example = train[:seq_len * batch_size].reshape(batch_size, seq_len)
+    return Task(example, steps, batch, eval_batches, "valid",
+                {"bits_per_char": bits_per_char, "accuracy": accuracy})

@@ -1,0 +1,159 @@
+"""The training loop: tasks (batches as a function of the step), checkpoints and resume,
+non-finite steps, data-parallel runs through the loop."""
+
+import json
+import shutil
+
+import jax
+import numpy as np
+import optax
+import pytest
+
+from fnn.data import batches, load_digits, load_text, sequence_batches
+from fnn.data.text import TextSplit, Vocab
+from fnn.losses import softmax_cross_entropy
+from fnn.models import MLP
+from fnn.train import NonFiniteError, classification_task, language_model_task, train
+from fnn.train.checkpoint import list_steps
+
+
+@pytest.fixture(scope="module")
+def digits():
+    data = load_digits()
+    return data._replace(x_train=data.x_train[:256], y_train=data.y_train[:256],
+                         x_test=data.x_test[:100], y_test=data.y_test[:100])
+
+
+def _mlp():
+    return MLP([32], 10, flatten_axes=3, dropout=0.1)
+
+
+def test_classification_task_batches_are_those_of_each_epoch(digits):
+    task = classification_task(digits, 32, seed=3)
+    assert task.steps_per_epoch == 8
+    for epoch in (1, 2):
+        expected = list(batches(digits.x_train, digits.y_train, 32, seed=3, epoch=epoch))
+        for i, (x, y) in enumerate(expected):
+            got_x, got_y = task.batch((epoch - 1) * 8 + i)
+            np.testing.assert_array_equal(got_x, x)
+            np.testing.assert_array_equal(got_y, y)
+    assert sum(len(x) for x, _ in task.eval_batches()) == 100
+
+
+def test_language_model_task_batches_and_every_validation_window():
+    text = "the quick brown fox jumps over the lazy dog. " * 40
+    vocab = Vocab.from_text(text)
+    ids = vocab.encode(text)
+    split = TextSplit(ids[:1500], ids[1500:], vocab)  # 300 validation ids
+    task = language_model_task(split, 4, 16, seed=5, eval_batch_size=8)
+    assert task.steps_per_epoch == (1500 - 1) // 16 // 4
+    expected = list(sequence_batches(split.train, 4, 16, seed=5, epoch=2))
+    x, y = task.batch(task.steps_per_epoch + 1)  # epoch 2, second batch
+    np.testing.assert_array_equal(x, expected[1][0])
+    np.testing.assert_array_equal(y, expected[1][1])
+    np.testing.assert_array_equal(x[:, 1:], y[:, :-1])
+    # (300 - 1) // 16 = 18 whole validation windows: batches of 8, 8 and 2, each window once
+    held_out = list(task.eval_batches())
+    assert [len(x) for x, _ in held_out] == [8, 8, 2]
+    windows = np.concatenate([x for x, _ in held_out])
+    np.testing.assert_array_equal(windows.reshape(-1), split.valid[:18 * 16])
+    assert set(task.metrics) == {"bits_per_char", "accuracy"}
+
+
+def _strip_time(history):
+    return [{k: v for k, v in row.items() if k != "seconds"} for row in history]
+
+
+def test_resume_from_a_checkpoint_ends_bit_identical(digits, tmp_path):
+    """A run stopped after step 16 of 24 and resumed equals the run left alone: params,
+    optimizer state, key and the whole history (train means included)."""
+    task = classification_task(digits, 32, seed=1)
+    common = dict(num_steps=24, seed=1, eval_every=8, checkpoint_every=4, keep=10,
+                  progress=False)
+    whole, history = train(_mlp(), optax.adam(3e-3), softmax_cross_entropy, task,
+                           checkpoint_dir=tmp_path / "a", **common)
+    assert list_steps(tmp_path / "a") == [4, 8, 12, 16, 20, 24]
+    # the run directory as a run killed between steps 16 and 20 leaves it
+    shutil.copytree(tmp_path / "a", tmp_path / "b")
+    for step in (20, 24):
+        shutil.rmtree(tmp_path / "b" / f"step_{step:08d}")
+    assert list_steps(tmp_path / "b") == [4, 8, 12, 16]
+    resumed, resumed_history = train(_mlp(), optax.adam(3e-3), softmax_cross_entropy, task,
+                                     checkpoint_dir=tmp_path / "b", resume=True, **common)
+    jax.tree.map(np.testing.assert_array_equal, jax.random.key_data(whole.key),
+                 jax.random.key_data(resumed.key))
+    jax.tree.map(np.testing.assert_array_equal, (whole.params, whole.opt_state, whole.step),
+                 (resumed.params, resumed.opt_state, resumed.step))
+    assert _strip_time(resumed_history) == _strip_time(history)
+    assert [row["step"] for row in history] == [8, 16, 24]
+    assert [row["epoch"] for row in history] == [1, 2, 3]
+
+
+def test_resume_without_checkpoints_starts_fresh_and_past_the_end_is_an_error(digits, tmp_path):
+    task = classification_task(digits, 64, seed=0)
+    ts, history = train(_mlp(), optax.adam(1e-3), softmax_cross_entropy, task, num_steps=4,
+                        checkpoint_dir=tmp_path, resume=True, progress=False)
+    assert int(ts.step) == 4 and list_steps(tmp_path) == [4]
+    with pytest.raises(ValueError, match="checkpoint .* is at step 4, past the run's 2 steps"):
+        train(_mlp(), optax.adam(1e-3), softmax_cross_entropy, task, num_steps=2,
+              checkpoint_dir=tmp_path, resume=True, progress=False)
+
+
+def _poisoned(task, bad_steps):
+    def batch(step):
+        x, y = task.batch(step)
+        return (np.full_like(x, np.nan), y) if step in bad_steps else (x, y)
+
+    return task._replace(batch=batch)
+
+
+def test_a_non_finite_step_is_skipped_and_counted(digits):
+    task = classification_task(digits, 32, seed=0)
+    ts, history = train(_mlp(), optax.adam(1e-3), softmax_cross_entropy,
+                        _poisoned(task, {2, 5}), num_steps=16, eval_every=8, progress=False)
+    assert [row["skipped"] for row in history] == [2, 2]
+    assert int(ts.skipped) == 2 and int(ts.bad_streak) == 0
+    assert all(np.isfinite(row["train_loss"]) for row in history)
+    assert all(bool(np.isfinite(p).all()) for p in jax.tree.leaves(ts.params))
+
+
+def test_consecutive_non_finite_steps_stop_the_run_naming_the_cause(digits):
+    task = classification_task(digits, 32, seed=0)
+    with pytest.raises(NonFiniteError) as info:
+        train(_mlp(), optax.adam(1e-3), softmax_cross_entropy, _poisoned(task, set(range(3, 99))),
+              num_steps=16, max_bad_steps=4, progress=False)
+    message = str(info.value)
+    assert "4 consecutive train steps (steps 4 to 7)" in message
+    assert "max_bad_steps=4" in message
+    assert "input" in message and "NaN" in message
+
+
+@pytest.mark.parametrize("mode", ["pmap", "sharded"])
+def test_data_parallel_runs_of_the_loop_equal_the_plain_run(digits, mode):
+    task = classification_task(digits, 32, seed=2)
+    model = MLP([32], 10, flatten_axes=3)  # no dropout: devices draw their own masks
+    common = dict(num_steps=10, seed=2, eval_every=5, progress=False)
+    plain, plain_history = train(model, optax.adam(3e-3), softmax_cross_entropy, task,
+                                 **common)
+    ts, history = train(model, optax.adam(3e-3), softmax_cross_entropy, task, parallel=mode,
+                        devices=jax.devices()[:4], **common)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
+                 plain.params, ts.params)
+    for row, plain_row in zip(history, plain_history):
+        assert row["test_accuracy"] == pytest.approx(plain_row["test_accuracy"], abs=0.011)
+        assert row["train_loss"] == pytest.approx(plain_row["train_loss"], rel=1e-4)
+
+
+def test_language_model_training_lowers_validation_bits_per_char():
+    from fnn.models import GPT
+
+    text = load_text()
+    short = text._replace(train=text.train[:40_000], valid=text.valid[:4_000])
+    task = language_model_task(short, 16, 32, seed=0)
+    model = GPT(text.vocab.size, d_model=32, num_heads=2, num_layers=1, mlp=64, max_length=32)
+    _, history = train(model, optax.adam(3e-3), softmax_cross_entropy, task, num_steps=60,
+                       eval_every=20, progress=False)
+    bits = [row["valid_bits_per_char"] for row in history]
+    assert bits[0] < np.log2(text.vocab.size)  # better than uniform after 20 steps
+    assert bits[-1] < bits[0] - 0.3
+    assert json.dumps(history)  # rows are plain JSON

@@ -75,6 +75,7 @@ def train(args: argparse.Namespace) -> int:
     if writer:
         out.mkdir(parents=True, exist_ok=True)
         _write_run_files(config, out, vocab)
+        _start_metrics(metrics_path, out / "checkpoints", args.resume)
     steps = config.epochs * task.steps_per_epoch
 
     def log(row):
@@ -125,6 +126,24 @@ def _without_processes(argv: list[str]) -> list[str]:
         elif not arg.startswith("--processes="):
             kept.append(arg)
     return kept
+
+
+def _start_metrics(metrics_path: Path, checkpoints: Path, resume: bool) -> None:
+    """A fresh run starts a fresh metrics file and drops an earlier run's checkpoints; a
+    resumed one keeps the rows up to its latest checkpoint (a killed run may have logged more)."""
+    import shutil
+
+    from fnn.train.checkpoint import latest_step
+
+    step = latest_step(checkpoints) if resume else None
+    if step is None:
+        if checkpoints.exists() and not resume:
+            shutil.rmtree(checkpoints)
+        metrics_path.write_text("")
+        return
+    rows = metrics_path.read_text().splitlines() if metrics_path.exists() else []
+    metrics_path.write_text("".join(line + "\n" for line in rows
+                                    if json.loads(line)["step"] <= step))
 
 
 def _is_first_process() -> bool:

@@ -193,3 +193,18 @@ def test_a_run_killed_with_sigkill_and_resumed_ends_bit_identical(tmp_path):
     strip = lambda path: [{k: v for k, v in json.loads(line).items() if k != "seconds"}
                           for line in path.read_text().splitlines()]
     assert strip(run / "metrics.jsonl") == strip(tmp_path / "alone" / "metrics.jsonl")
+
+
+def test_a_fresh_run_starts_over_and_a_resumed_one_keeps_rows_up_to_its_checkpoint(tmp_path):
+    from fnn.cli import _start_metrics
+    from fnn.train.checkpoint import list_steps, save_checkpoint
+
+    metrics, checkpoints = tmp_path / "metrics.jsonl", tmp_path / "checkpoints"
+    save_checkpoint(checkpoints, 20, {"w": np.zeros(3, np.float32)})
+    rows = "".join(json.dumps({"step": s}) + "\n" for s in (10, 20, 30))  # 30: logged, then killed
+    metrics.write_text(rows)
+    _start_metrics(metrics, checkpoints, resume=True)
+    assert [json.loads(line)["step"] for line in metrics.read_text().splitlines()] == [10, 20]
+    assert list_steps(checkpoints) == [20]
+    _start_metrics(metrics, checkpoints, resume=False)
+    assert metrics.read_text() == "" and not checkpoints.exists()

@@ -127,9 +127,21 @@ def test_a_dying_process_ends_the_run_and_stops_the_others(run):
         os.kill(survivor, 0)  # stopped and reaped, not left running
 
 
-def test_launch_reports_a_failing_command_and_a_timeout(capsys):
-    code = launch([sys.executable, "-c", "import os, sys; print('hello'); "
-                   "sys.exit(5 if os.environ['FNN_PROCESS_ID'] == '1' else 0)"], 2, timeout_s=30)
+def test_launch_reports_a_failing_command_and_a_timeout(capsys, tmp_path):
+    # process 1 fails only after process 0 has printed and exited, so that its line is streamed
+    # before launch stops the others
+    done = tmp_path / "process-0-done"
+    script = (f"import os, sys, time, pathlib\n"
+              f"print('hello', flush=True)\n"
+              f"done = pathlib.Path({str(done)!r})\n"
+              f"if os.environ['FNN_PROCESS_ID'] == '0':\n"
+              f"    done.touch(); sys.exit(0)\n"
+              f"deadline = time.monotonic() + 20\n"
+              f"while not done.exists() and time.monotonic() < deadline:\n"
+              f"    time.sleep(0.01)\n"
+              f"time.sleep(0.5)\n"
+              f"sys.exit(5)\n")
+    code = launch([sys.executable, "-c", script], 2, timeout_s=30)
     output = capsys.readouterr()
     assert code == 5
     assert "[process 0] hello" in output.out and "[process 1] hello" in output.out

@@ -117,6 +117,15 @@ def test_a_non_finite_step_is_skipped_and_counted(digits):
     assert all(bool(np.isfinite(p).all()) for p in jax.tree.leaves(ts.params))
 
 
+def test_an_interval_of_only_skipped_steps_logs_null_train_means(digits, tmp_path):
+    task = classification_task(digits, 32, seed=0)
+    ts, history = train(_mlp(), optax.adam(1e-3), softmax_cross_entropy, _poisoned(task, {0, 1}),
+                        num_steps=4, eval_every=2, checkpoint_dir=tmp_path, checkpoint_every=2,
+                        progress=False)
+    assert history[0]["train_loss"] is None and history[0]["skipped"] == 2
+    assert np.isfinite(history[1]["train_loss"]) and list_steps(tmp_path) == [2, 4]
+
+
 def test_consecutive_non_finite_steps_stop_the_run_naming_the_cause(digits):
     task = classification_task(digits, 32, seed=0)
     with pytest.raises(NonFiniteError) as info:

@@ -75,15 +75,15 @@ class _TrainMeans:
         self.count = count
 
     def add(self, metrics: Mapping[str, Any]) -> None:
-        if int(metrics["skipped_now"]):
-            return
+        skipped = bool(metrics["skipped_now"])
         for name, value in metrics.items():
             if name not in _COUNTERS and name != "skipped_now":
-                self.sums[name] = self.sums.get(name, 0.0) + float(value)
-        self.count += 1
+                self.sums[name] = self.sums.get(name, 0.0) + (0.0 if skipped else float(value))
+        self.count += not skipped
 
-    def means(self) -> dict[str, float]:
-        return {name: (total / self.count if self.count else float("nan"))
+    def means(self) -> dict[str, float | None]:
+        """The means; ``None`` (JSON ``null``) when every step was skipped."""
+        return {name: (total / self.count if self.count else None)
                 for name, total in self.sums.items()}
 
 
@@ -206,7 +206,7 @@ def train(model: Layer, optimizer: optax.GradientTransformation, loss: Loss, tas
                 row["seconds"] = round(seconds_before + time.perf_counter() - clock, 3)
                 history.append(row)
                 means = _TrainMeans()
-                bar.set_postfix({"loss": f"{row['train_loss']:.4f}"}
+                bar.set_postfix({"loss": f"{row.get('train_loss') or float('nan'):.4f}"}
                                 | {k: f"{v:.4f}" for k, v in held_out.items()}, refresh=True)
                 if on_log is not None and writer:
                     on_log(row)

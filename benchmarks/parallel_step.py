@@ -35,7 +35,8 @@ from fnn.train import create_train_state
 from fnn.train.parallel import data_parallel
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from train_step import CASES, LEARNING_RATE, LOSS_TOLERANCE, print_setup  # noqa: E402
+from train_step import (CASES, LEARNING_RATE, LOSS_TOLERANCE, print_setup,  # noqa: E402
+                        print_table)
 
 MODES = ("none", "sharded", "pmap")
 LABELS = {"none": "plain jit", "sharded": "sharded", "pmap": "pmap"}
@@ -115,11 +116,8 @@ def main(argv=None) -> None:
             rows.append((case.name, timed) + tuple(
                 f"{statistics.median(times[m]):.2f}" for m in MODES) + tuple(ratios))
 
-    print()
-    print("| model | timed | plain jit ms | sharded ms | pmap ms | sharded/plain | pmap/plain |")
-    print("|---|---|---:|---:|---:|---:|---:|")
-    for row in rows:
-        print("| " + " | ".join(row) + " |")
+    print_table(["model", "timed", "plain jit ms", "sharded ms", "pmap ms", "sharded/plain",
+                 "pmap/plain"], rows, text_columns=2)
 
 
 if __name__ == "__main__":

@@ -275,6 +275,16 @@ def torch_available() -> bool:
         return False
 
 
+def print_table(header: list[str], rows: list[tuple[str, ...]], text_columns: int = 1) -> None:
+    """A Markdown table after a blank line; columns after the first ``text_columns`` are
+    right-aligned numbers."""
+    print()
+    print("| " + " | ".join(header) + " |")
+    print("|" + "---|" * text_columns + "---:|" * (len(header) - text_columns))
+    for row in rows:
+        print("| " + " | ".join(row) + " |")
+
+
 def print_setup(args) -> None:
     print(f"jax {jax.__version__} on {jax.devices()[0].device_kind}, {os.cpu_count()} cores; "
           f"{args.rounds} rounds of {args.steps} steps")
@@ -301,11 +311,8 @@ def main(argv=None) -> None:
         rows.append((case.name, f"{statistics.median(times['fnn']):.2f}",
                      f"{statistics.median(times['hand']):.2f}", f"{ratio:.3f}", torch_ms))
 
-    print()
-    print("| model | fnn ms | hand-written JAX ms | ratio fnn/hand | torch eager ms |")
-    print("|---|---:|---:|---:|---:|")
-    for row in rows:
-        print("| " + " | ".join(row) + " |")
+    print_table(["model", "fnn ms", "hand-written JAX ms", "ratio fnn/hand", "torch eager ms"],
+                rows)
 
 
 if __name__ == "__main__":

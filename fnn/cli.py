@@ -43,10 +43,12 @@ def _overrides(args: argparse.Namespace) -> dict:
 def _devices(config):
     import jax
 
+    if config.parallel["mode"] == "none":
+        return None  # the first local device
     count = config.parallel["devices"]
     available = jax.local_devices() if jax.process_count() == 1 else jax.devices()
-    if count is None or config.parallel["mode"] == "none":
-        return available if config.parallel["mode"] != "none" else None
+    if count is None:
+        return available
     if count > len(available):
         raise ConfigError(f"parallel.devices is {count} but only {len(available)} devices "
                           f"are available")

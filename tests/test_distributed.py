@@ -3,8 +3,8 @@ with the parameters of one process on the whole batch; a process that dies ends 
 a hang); the environment contract of ``initialize_from_env``.
 
 One launch serves both multi-process tests (each process start costs seconds): the workers train
-STEPS steps and save their params, then process 1 exits abruptly while process 0 goes on. The
-workers run this file as a script (``python test_distributed.py OUT_DIR``).
+STEPS steps and save their params, then process 1 exits abruptly (once process 0 has saved) while
+process 0 goes on. The workers run this file as a script (``python test_distributed.py OUT_DIR``).
 """
 
 import contextlib
@@ -74,7 +74,13 @@ def _worker(out: pathlib.Path) -> None:
         pts, metrics = step(pts, i)
     np.save(out / f"params{index}.npy", _flat_params(runner.get_state(pts)))
     np.save(out / f"loss{index}.npy", np.float32(metrics["loss"]))
+    (out / f"done{index}").touch()
     if index == 1:
+        # die only once process 0 has printed and saved step STEPS: else launch may stop it
+        # before it gets there
+        deadline = time.monotonic() + TIMEOUT_S / 2
+        while not (out / "done0").exists() and time.monotonic() < deadline:
+            time.sleep(0.01)
         os._exit(DEATH_CODE)
     step(pts, STEPS)  # needs process 1: must never finish
     print("process 0 finished a step without process 1", flush=True)

@@ -10,11 +10,17 @@ batch 64; an ``optax.adam(1e-3)`` step with softmax cross-entropy and accuracy, 
 ``"sharded"`` and ``"pmap"``, all on the first device. Before timing, the three first steps
 from the same initial state must report the same loss (to 1e-5).
 
+A fourth program separates pmap's machinery from pmap's data layout: ``jit, pmap layout`` is
+the plain ``jax.jit`` of the same per-device step, given the state and batch as pmap holds
+them (a leading device axis of size 1, dropped and restored inside the program), without
+``jax.pmap``.
+
 Two timings per model: ``step``, the step on a batch already on the device (as in
 ``train_step.py``), and ``put_batch + step``, the batch placed from numpy arrays every step, as
 a training loop does. Timing is interleaved: each round runs K steps of each mode, in an order
 that rotates between rounds, and blocks on the last result. The table shows the median ms per
-step and the median over rounds of the per-round ratio to the plain step (goal: at most 1.02).
+step and the median over rounds of the per-round ratio to the plain step (goal: at most 1.02),
+and pmap's ratio to the jit of its own layout.
 """
 
 from __future__ import annotations
@@ -32,14 +38,30 @@ import optax
 
 from fnn.losses import softmax_cross_entropy
 from fnn.train import create_train_state
-from fnn.train.parallel import data_parallel
+from fnn.train.parallel import DataParallel, data_parallel, replicate, shard_batch, unreplicate
+from fnn.train.step import train_step_fn
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from train_step import (CASES, LEARNING_RATE, LOSS_TOLERANCE, print_setup,  # noqa: E402
                         print_table)
 
-MODES = ("none", "sharded", "pmap")
-LABELS = {"none": "plain jit", "sharded": "sharded", "pmap": "pmap"}
+MODES = ("none", "sharded", "pmap", "layout")
+LABELS = {"none": "plain jit", "sharded": "sharded", "pmap": "pmap",
+          "layout": "jit, pmap layout"}
+
+
+def pmap_layout_runner(model, optimizer, device) -> DataParallel:
+    """``jax.jit`` of the per-device step on pmap's layout (leading device axis), no pmap."""
+    body = train_step_fn(model, optimizer, softmax_cross_entropy)
+
+    def step(ts, x, y):
+        ts, metrics = body(jax.tree.map(lambda a: a[0], ts), x[0], y[0])
+        return jax.tree.map(lambda a: a[None], ts), metrics
+
+    return DataParallel("layout", [device], jax.jit(step, donate_argnums=(0,)),
+                        put_state=lambda ts: replicate(ts, [device]),
+                        put_rows=lambda tree: shard_batch(tree, [device]),
+                        get_state=unreplicate)
 
 
 def make_runs(case, device) -> dict[str, tuple[Callable[[int, bool], None], float]]:
@@ -53,8 +75,11 @@ def make_runs(case, device) -> dict[str, tuple[Callable[[int, bool], None], floa
     host = jax.tree.map(np.array, initial._replace(key=jax.random.key_data(initial.key)))
     runs = {}
     for mode in MODES:
-        runner = data_parallel(case.fnn_model, optimizer, softmax_cross_entropy, mode=mode,
-                               devices=[device])
+        if mode == "layout":
+            runner = pmap_layout_runner(case.fnn_model, optimizer, device)
+        else:
+            runner = data_parallel(case.fnn_model, optimizer, softmax_cross_entropy, mode=mode,
+                                   devices=[device])
         # every mode starts from its own copy: the steps donate the state they are given
         ts = runner.put_state(host._replace(key=jax.random.wrap_key_data(host.key)))
         batch = runner.put_batch(x, y)
@@ -111,13 +136,15 @@ def main(argv=None) -> None:
         check_same_loss(case.name, runs)
         for place, timed in ((False, "step"), (True, "put_batch + step")):
             times = time_interleaved(runs, args.steps, args.rounds, place)
-            ratios = [f"{statistics.median(a / b for a, b in zip(times[m], times['none'])):.3f}"
-                      for m in ("sharded", "pmap")]
+            ratios = [f"{statistics.median(a / b for a, b in zip(times[m], times[base])):.3f}"
+                      for m, base in (("sharded", "none"), ("pmap", "none"),
+                                      ("pmap", "layout"))]
             rows.append((case.name, timed) + tuple(
                 f"{statistics.median(times[m]):.2f}" for m in MODES) + tuple(ratios))
 
-    print_table(["model", "timed", "plain jit ms", "sharded ms", "pmap ms", "sharded/plain",
-                 "pmap/plain"], rows, text_columns=2)
+    print_table(["model", "timed"] + [f"{LABELS[m]} ms" for m in MODES]
+                + ["sharded/plain", "pmap/plain", "pmap/(jit, pmap layout)"], rows,
+                text_columns=2)
 
 
 if __name__ == "__main__":

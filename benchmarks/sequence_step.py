@@ -3,6 +3,7 @@ networks written by hand in JAX + optax (and in PyTorch eager when torch is impo
 the compile time of a deep transformer.
 
     python benchmarks/sequence_step.py [--steps K] [--rounds R] [--only lstm|transformer|compile]
+                                       [--host-malloc default|tuned]
 
 Models (built here from fnn layers, not from ``fnn.models``):
 
@@ -26,6 +27,9 @@ rounds), median ms per step, median of the per-round ratios. Each row also shows
 step's temporary buffers (``memory_analysis().temp_size_in_bytes``; JAX only) and the minor
 page faults per step counted around the timed rounds (``getrusage``): a fresh, untouched page
 costs a fault, so a step whose buffers are fresh memory every time pays for them again.
+
+``--host-malloc tuned`` calls ``fnn.runtime.tune_host_malloc`` first (the whole process: fnn,
+the hand-written steps and PyTorch alike), as ``host_malloc: tuned`` does for ``fnn train``.
 
 ``--only compile``: wall seconds of ``jit(...).lower(...).compile()`` of the Transformer LM's
 train step with ``repeat`` over 2 and over 24 blocks (median of 3, each on a freshly built
@@ -51,6 +55,7 @@ from jax import lax
 
 import fnn
 from fnn.losses import softmax_cross_entropy
+from fnn.runtime import tune_host_malloc
 from fnn.train import create_train_state, make_train_step
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -420,10 +425,15 @@ def main(argv=None) -> None:
     parser.add_argument("--steps", type=int, default=5, help="train steps per timed round")
     parser.add_argument("--rounds", type=int, default=10, help="interleaved rounds")
     parser.add_argument("--only", choices=sorted(CASES) + ["compile"], help="run one part only")
+    parser.add_argument("--host-malloc", choices=["default", "tuned"], default="default",
+                        help="tuned: fnn.runtime.tune_host_malloc() before anything runs")
     args = parser.parse_args(argv)
+    if args.host_malloc == "tuned" and not tune_host_malloc():
+        raise SystemExit("--host-malloc tuned needs glibc")
 
     with_torch = torch_available()
     print_setup(args)
+    print(f"host malloc: {args.host_malloc}")
 
     tables = []
     keys = [args.only] if args.only else list(CASES) + ["compile"]

@@ -28,6 +28,7 @@ from fnn.layers import *  # noqa: F401,F403 - the layer factories are public (fn
 from fnn import data as data  # noqa: E402 - submodules after the names they use
 from fnn import losses as losses  # noqa: E402
 from fnn import models as models  # noqa: E402
+from fnn import runtime as runtime  # noqa: E402
 from fnn import train as train  # noqa: E402
 
 __version__ = "0.1.0"

@@ -32,8 +32,8 @@ def _task(config, data_path: str | None = None):
 
 
 def _overrides(args: argparse.Namespace) -> dict:
-    overrides = {k: v for k, v in (("epochs", args.epochs), ("output_dir", args.output_dir))
-                 if v is not None}
+    overrides = {k: v for k, v in (("epochs", args.epochs), ("output_dir", args.output_dir),
+                                   ("host_malloc", args.host_malloc)) if v is not None}
     if args.parallel is not None or args.devices is not None:
         overrides["parallel"] = {k: v for k, v in (("mode", args.parallel),
                                                    ("devices", args.devices)) if v is not None}
@@ -65,11 +65,15 @@ def train(args: argparse.Namespace) -> int:
         return launch([sys.executable, "-m", "fnn.cli"] + _without_processes(
             sys.argv[1:] if args.argv is None else args.argv), args.processes)
 
+    from fnn.runtime import tune_host_malloc
     from fnn.train import NonFiniteError, plot_history, train as run
     from fnn.train.distributed import initialize_from_env
 
+    config = load_config(args.config, _overrides(args))  # no JAX call: the next two come first
+    # before JAX starts its threads, whose first allocation picks their malloc arena
+    if config.host_malloc == "tuned" and not tune_host_malloc():
+        print("fnn: host_malloc: tuned needs glibc; left as it is", file=sys.stderr)
     initialize_from_env()  # a process of `fnn train --processes N` joins the others first
-    config = load_config(args.config, _overrides(args))
     task, filled, vocab = _task(config)
     out = Path(config.output_dir)
     writer = _is_first_process()
@@ -87,7 +91,8 @@ def train(args: argparse.Namespace) -> int:
     model = build_model(config, **filled)
     print(f"training {config.model['name']} on {config.data['name']} for {config.epochs} "
           f"epochs ({steps} steps of {config.data['batch_size']}), parallel: "
-          f"{config.parallel['mode']}, precision: {config.precision}")
+          f"{config.parallel['mode']}, precision: {config.precision}, host malloc: "
+          f"{config.host_malloc}")
     try:
         ts, history = run(model, build_optimizer(config, steps), build_loss(config), task,
                           num_steps=steps, seed=config.seed,
@@ -227,6 +232,9 @@ def main(argv: list[str] | None = None) -> int:
     train_cmd.add_argument("--processes", type=int, default=1,
                            help="launch N local processes that train together (127.0.0.1)")
     train_cmd.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    train_cmd.add_argument("--host-malloc", choices=["default", "tuned"],
+                           help="override host_malloc (tuned: glibc keeps freed memory for the "
+                                "next step; faster for steps with large temporaries)")
     train_cmd.set_defaults(run=train)
     gen_cmd = commands.add_parser("generate", help="sample text from a trained language model")
     gen_cmd.add_argument("run_dir", help="the output_dir of an `fnn train` language-model run")

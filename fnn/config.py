@@ -15,6 +15,7 @@ A config has these sections (see ``configs/digits_cnn.yaml``)::
     precision: float32                     # or bfloat16 / float16: compute dtype, f32 params
     checkpoint: {every: null, keep: 3}     # save every N steps (and at the end); keep the last K
     max_bad_steps: 10                      # stop after this many non-finite steps in a row
+    host_malloc: default                   # or tuned: see fnn.runtime.tune_host_malloc
 
 Every key is checked: an unknown or mistyped key raises :class:`ConfigError` naming it, where it
 is, and the closest valid key. Language models (``charlstm``, ``gpt``) train on ``text`` data
@@ -50,11 +51,13 @@ OPTIMIZERS: dict[str, Callable] = {
 }
 SCHEDULES = {"constant": {"warmup_steps"}, "cosine": {"warmup_steps", "end_value"}}
 PRECISIONS = ("float32", "bfloat16", "float16")  # presets of fnn.precision.Policy.parse
+HOST_MALLOC = ("default", "tuned")  # tuned: fnn.runtime.tune_host_malloc, set by `fnn train`
 # each data set's keys: required and optional
 DATASETS = {"digits": ({"batch_size"}, set()),
             "text": ({"batch_size", "seq_len"}, {"path", "eval_batch_size"})}
 _OPTIONAL = {"parallel": {"mode": "none", "devices": None}, "precision": "float32",
-             "checkpoint": {"every": None, "keep": 3}, "max_bad_steps": 10}
+             "checkpoint": {"every": None, "keep": 3}, "max_bad_steps": 10,
+             "host_malloc": "default"}
 
 
 class ConfigError(ValueError):
@@ -75,12 +78,13 @@ class Config:
     precision: str  # float32 | bfloat16 | float16 (the compute dtype; params stay float32)
     checkpoint: dict[str, Any]  # {"every": steps or None (only at the end), "keep": K}
     max_bad_steps: int  # consecutive non-finite steps before the run stops
+    host_malloc: str  # default | tuned (glibc keeps freed memory: big steps stop faulting)
 
 
 _TOP_LEVEL = {f.name: f.type for f in dataclasses.fields(Config)}
 _REQUIRED = [key for key in _TOP_LEVEL if key not in _OPTIONAL]
 _SCALARS = {"epochs": int, "seed": int, "output_dir": str, "precision": str,
-            "max_bad_steps": int}
+            "max_bad_steps": int, "host_malloc": str}
 
 
 def _unknown(where: str, key: str, allowed: set[str]) -> ConfigError:
@@ -157,6 +161,8 @@ def parse_config(raw: Any) -> Config:
             raise ConfigError(f"{key} must be positive, got {raw[key]}")
     if raw["precision"] not in PRECISIONS:
         raise _unknown("precision", raw["precision"], set(PRECISIONS))
+    if raw["host_malloc"] not in HOST_MALLOC:
+        raise _unknown("host_malloc", raw["host_malloc"], set(HOST_MALLOC))
     parallel = _options("parallel", raw["parallel"], _OPTIONAL["parallel"], shorthand="mode")
     if parallel["mode"] not in MODES:
         raise _unknown("parallel.mode", str(parallel["mode"]), set(MODES))

@@ -73,6 +73,7 @@ def test_cli_trains_the_mlp_to_its_target(tmp_path):
     assert rows[-1]["test_accuracy"] >= 0.97
     assert (out / "plot.png").read_bytes()[:4] == b"\x89PNG"
     assert f"final test accuracy: {rows[-1]['test_accuracy']:.4f}" in result.stdout
+    assert "host malloc: default" in result.stdout
 
 
 def test_cli_summary(capsys):
@@ -90,6 +91,7 @@ def test_cli_summary(capsys):
     (lambda c: c.update(checkpoint={"every": 5, "kept": 2}),
      r"unknown key 'kept' in checkpoint; did you mean 'keep'\?"),
     (lambda c: c.update(max_bad_steps=0), r"max_bad_steps must be positive"),
+    (lambda c: c.update(host_malloc="fast"), r"unknown key 'fast' in host_malloc"),
     (lambda c: c.update(model={"name": "gpt"}), r"model gpt trains on data 'text', got data 'digits'"),
 ])
 def test_bad_optional_sections_are_rejected(edit, message):
@@ -103,6 +105,7 @@ def test_optional_sections_take_defaults_and_shorthands():
     config = parse_config(_raw() | {"parallel": "sharded"})
     assert config.parallel == {"mode": "sharded", "devices": None}
     assert config.precision == "float32" and config.max_bad_steps == 10
+    assert config.host_malloc == "default"
     assert config.checkpoint == {"every": None, "keep": 3}
     lm = _raw("charlm_lstm.yaml")
     lm["model"]["vocab_size"] = 50
@@ -167,9 +170,11 @@ def test_a_run_killed_with_sigkill_and_resumed_ends_bit_identical(tmp_path):
     raw = _raw()
     raw |= {"epochs": 6, "checkpoint": {"every": 5, "keep": 2}}
     (tmp_path / "mlp.yaml").write_text(yaml.safe_dump(raw))
+    # the run left alone tunes glibc's malloc, the killed one does not: no number changes
     alone = _fnn("train", tmp_path / "mlp.yaml", "--output-dir", tmp_path / "alone",
-                 "--no-progress")
+                 "--no-progress", "--host-malloc", "tuned")
     assert alone.returncode == 0, alone.stderr
+    assert "host malloc: tuned" in alone.stdout
 
     run = tmp_path / "killed"
     proc = subprocess.Popen([sys.executable, "-m", "fnn.cli", "train", str(tmp_path / "mlp.yaml"),

@@ -35,6 +35,7 @@ from fnn.train import create_train_state, make_train_step
 
 LEARNING_RATE = 1e-3
 LOSS_TOLERANCE = 1e-5
+JAX_STEPS = ("fnn", "hand", "hand_skip")  # hand_skip: hand-written, skipping non-finite steps
 
 
 class Runner(NamedTuple):
@@ -88,9 +89,15 @@ def hand_cnn_apply(p, x):
     return x @ p["head_w"] + p["head_b"]
 
 
-def hand_train_step(apply, optimizer):
+def hand_train_step(apply, optimizer, skip_nonfinite: bool = False):
     """The hand-written step ``((params, opt_state), x, y) -> ((params, opt_state), metrics)``,
-    jitted with the carried state donated, as fnn's step is."""
+    jitted with the carried state donated, as fnn's step is. With ``skip_nonfinite`` it does
+    what fnn's step does besides: when the loss or a gradient is not finite, a ``lax.cond``
+    keeps params and optimizer state as they were."""
+
+    def update(params, opt_state, grads):
+        updates, opt_state = optimizer.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state
 
     def objective(params, x, y):
         logits = apply(params, x)
@@ -99,8 +106,14 @@ def hand_train_step(apply, optimizer):
     def step(carry, x, y):
         params, opt_state = carry
         (loss, logits), grads = jax.value_and_grad(objective, has_aux=True)(params, x, y)
-        updates, opt_state = optimizer.update(grads, opt_state, params)
-        params = optax.apply_updates(params, updates)
+        if skip_nonfinite:
+            ok = jnp.isfinite(loss)
+            for g in jax.tree.leaves(grads):
+                ok = ok & jnp.all(jnp.isfinite(g))
+            params, opt_state = lax.cond(ok, update, lambda p, o, g: (p, o), params, opt_state,
+                                         grads)
+        else:
+            params, opt_state = update(params, opt_state, grads)
         accuracy = jnp.mean((jnp.argmax(logits, -1) == y).astype(jnp.float32))
         return (params, opt_state), {"loss": loss, "accuracy": accuracy}
 
@@ -213,14 +226,18 @@ def make_runners(case: Case, with_torch: bool) -> dict[str, Runner]:
     ts = create_train_state(case.fnn_model, optimizer, jax.random.key(0), x)
     params = jax.tree.map(np.array, ts.params)  # a host copy: the device buffers get donated
 
-    hand_params = jax.tree.map(jnp.asarray, case.hand_params(params))
-    hand_carry = (hand_params, optimizer.init(hand_params))
+    def hand_carry():  # a carry of its own for each step: the steps donate theirs
+        hand_params = jax.tree.map(jnp.asarray, case.hand_params(params))
+        return hand_params, optimizer.init(hand_params)
+
     x_dev, y_dev = jnp.asarray(x), jnp.asarray(y)
     runners = {
         "fnn": jax_runner(make_train_step(case.fnn_model, optimizer, softmax_cross_entropy),
                           ts, x_dev, y_dev),
-        "hand": jax_runner(hand_train_step(case.hand_apply, optimizer), hand_carry, x_dev,
+        "hand": jax_runner(hand_train_step(case.hand_apply, optimizer), hand_carry(), x_dev,
                            y_dev),
+        "hand_skip": jax_runner(hand_train_step(case.hand_apply, optimizer, skip_nonfinite=True),
+                                hand_carry(), x_dev, y_dev),
     }
     if with_torch:
         runners["torch"] = torch_runner(case, params, x, y)
@@ -228,10 +245,12 @@ def make_runners(case: Case, with_torch: bool) -> dict[str, Runner]:
 
 
 def check_same_loss(case: Case, runners: dict[str, Runner]) -> None:
-    fnn_loss, hand_loss = runners["fnn"].first_loss, runners["hand"].first_loss
-    if not abs(fnn_loss - hand_loss) <= LOSS_TOLERANCE * max(1.0, abs(fnn_loss)):
-        raise SystemExit(f"{case.name}: fnn loss {fnn_loss!r} != hand-written loss "
-                         f"{hand_loss!r}: the two steps do not compute the same thing")
+    fnn_loss = runners["fnn"].first_loss
+    for name in JAX_STEPS[1:]:
+        hand_loss = runners[name].first_loss
+        if not abs(fnn_loss - hand_loss) <= LOSS_TOLERANCE * max(1.0, abs(fnn_loss)):
+            raise SystemExit(f"{case.name}: fnn loss {fnn_loss!r} != {name} loss "
+                             f"{hand_loss!r}: the steps do not compute the same thing")
     line = f"{case.name}: first-step loss fnn {fnn_loss:.6f}, hand-written {hand_loss:.6f}"
     if "torch" in runners:
         line += f", torch {runners['torch'].first_loss:.6f}"
@@ -241,15 +260,16 @@ def check_same_loss(case: Case, runners: dict[str, Runner]) -> None:
 def time_interleaved(runners: dict[str, Runner], steps: int, rounds: int):
     """Per implementation, the ms per step of every round.
 
-    Each round runs torch (if present) first, then fnn and hand-written JAX in an order that
-    alternates between rounds, so that neither JAX step systematically follows torch (whose
-    worker threads keep spinning for a moment after a step) nor the other.
+    Each round runs torch (if present) first, then the JAX steps in an order that rotates by
+    one between rounds, so that no JAX step systematically follows torch (whose worker threads
+    keep spinning for a moment after a step) or another.
     """
-    pair = ["fnn", "hand"]
+    jax_steps = [name for name in JAX_STEPS if name in runners]
     times: dict[str, list[float]] = {name: [] for name in runners}
     for r in range(rounds):
-        order = [name for name in runners if name not in pair] + (pair if r % 2 == 0
-                                                                   else pair[::-1])
+        shift = r % len(jax_steps)
+        order = ([name for name in runners if name not in jax_steps]
+                 + jax_steps[shift:] + jax_steps[:shift])
         for name in order:
             start = time.perf_counter()
             runners[name].run(steps)
@@ -306,13 +326,14 @@ def main(argv=None) -> None:
         runners = make_runners(case, with_torch)
         check_same_loss(case, runners)
         times = time_interleaved(runners, args.steps, args.rounds)
-        ratio = statistics.median(f / h for f, h in zip(times["fnn"], times["hand"]))
+        ratios = [f"{statistics.median(f / h for f, h in zip(times['fnn'], times[name])):.3f}"
+                  for name in JAX_STEPS[1:]]
         torch_ms = f"{statistics.median(times['torch']):.2f}" if with_torch else "n/a"
-        rows.append((case.name, f"{statistics.median(times['fnn']):.2f}",
-                     f"{statistics.median(times['hand']):.2f}", f"{ratio:.3f}", torch_ms))
+        rows.append((case.name,) + tuple(f"{statistics.median(times[name]):.2f}"
+                                         for name in JAX_STEPS) + tuple(ratios) + (torch_ms,))
 
-    print_table(["model", "fnn ms", "hand-written JAX ms", "ratio fnn/hand", "torch eager ms"],
-                rows)
+    print_table(["model", "fnn ms", "hand-written JAX ms", "hand + skip ms", "ratio fnn/hand",
+                 "ratio fnn/(hand + skip)", "torch eager ms"], rows)
 
 
 if __name__ == "__main__":

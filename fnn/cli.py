@@ -71,8 +71,9 @@ def train(args: argparse.Namespace) -> int:
 
     config = load_config(args.config, _overrides(args))  # no JAX call: the next two come first
     # before JAX starts its threads, whose first allocation picks their malloc arena
-    if config.host_malloc == "tuned" and not tune_host_malloc():
-        print("fnn: host_malloc: tuned needs glibc; left as it is", file=sys.stderr)
+    malloc = config.host_malloc
+    if malloc == "tuned" and not tune_host_malloc():
+        malloc = "default (tuned needs glibc)"
     initialize_from_env()  # a process of `fnn train --processes N` joins the others first
     task, filled, vocab = _task(config)
     out = Path(config.output_dir)
@@ -91,8 +92,7 @@ def train(args: argparse.Namespace) -> int:
     model = build_model(config, **filled)
     print(f"training {config.model['name']} on {config.data['name']} for {config.epochs} "
           f"epochs ({steps} steps of {config.data['batch_size']}), parallel: "
-          f"{config.parallel['mode']}, precision: {config.precision}, host malloc: "
-          f"{config.host_malloc}")
+          f"{config.parallel['mode']}, precision: {config.precision}, host malloc: {malloc}")
     try:
         ts, history = run(model, build_optimizer(config, steps), build_loss(config), task,
                           num_steps=steps, seed=config.seed,

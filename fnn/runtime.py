@@ -8,7 +8,7 @@ default) with fresh ``mmap`` pages and unmaps them on ``free``, and the arenas o
 threads cannot hold larger blocks at all (their heaps are at most 64 MiB). So a step with large
 temporaries faults in and zeroes every page of them again on each call: the Transformer LM step
 of ``benchmarks/sequence_step.py`` (319 MiB of temporaries) took 81,800 page faults per call,
-10-20% of its time.
+about a tenth of its time.
 """
 
 from __future__ import annotations
@@ -39,8 +39,9 @@ def tune_host_malloc() -> bool:
 
     Worth it for steps with large temporaries, and not for small ones:
 
-    - Transformer LM step (319 MiB of temporaries): page faults 81,800 -> 0 per step, 10-20%
-      faster; the process keeps the memory of its largest step (peak RSS 0.95 -> 1.2-1.5 GB).
+    - Transformer LM step (319 MiB of temporaries): page faults 81,800 -> 0 per step, 9%
+      faster in the benchmark (469 -> 428 ms; 10-25% between separate runs). The process keeps
+      the memory of its largest step (peak RSS 0.95 -> 1.2-1.5 GB).
     - Small steps (digits CNN, a few MiB): 10-30% slower, as all threads then share one arena
       and its lock. The LSTM LM step (28 MiB): no difference.
 

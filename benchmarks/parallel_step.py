@@ -25,7 +25,6 @@ and pmap's ratio to the jit of its own layout.
 
 from __future__ import annotations
 
-import argparse
 import os
 import statistics
 import sys
@@ -43,7 +42,7 @@ from fnn.train.step import train_step_fn
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from train_step import (CASES, LEARNING_RATE, LOSS_TOLERANCE, print_setup,  # noqa: E402
-                        print_table)
+                        print_table, timing_parser)
 
 MODES = ("none", "sharded", "pmap", "layout")
 LABELS = {"none": "plain jit", "sharded": "sharded", "pmap": "pmap",
@@ -121,11 +120,7 @@ def time_interleaved(runs, steps: int, rounds: int, place: bool) -> dict[str, li
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--steps", type=int, default=10, help="train steps per timed round")
-    parser.add_argument("--rounds", type=int, default=15, help="interleaved rounds")
-    parser.add_argument("--only", choices=sorted(CASES), help="run one model only")
-    args = parser.parse_args(argv)
+    args = timing_parser(__doc__, steps=10, rounds=15, only=sorted(CASES)).parse_args(argv)
     print_setup(args)
     device = jax.devices()[0]
 

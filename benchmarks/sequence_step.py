@@ -38,7 +38,6 @@ model so that nothing is cached), and their ratio.
 
 from __future__ import annotations
 
-import argparse
 import math
 import os
 import resource
@@ -60,7 +59,7 @@ from fnn.train import create_train_state, make_train_step
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from train_step import (Runner, hand_train_step, jax_runner, print_setup,  # noqa: E402
-                        torch_adam_runner, torch_available)
+                        timing_parser, torch_adam_runner, torch_available)
 
 LEARNING_RATE = 1e-3
 LOSS_TOLERANCE = 1e-4
@@ -421,10 +420,8 @@ def compile_table(repeats: int = 3) -> list[str]:
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--steps", type=int, default=5, help="train steps per timed round")
-    parser.add_argument("--rounds", type=int, default=10, help="interleaved rounds")
-    parser.add_argument("--only", choices=sorted(CASES) + ["compile"], help="run one part only")
+    parser = timing_parser(__doc__, steps=5, rounds=10, only=sorted(CASES) + ["compile"],
+                           only_help="run one part only")
     parser.add_argument("--host-malloc", choices=["default", "tuned"], default="default",
                         help="tuned: fnn.runtime.tune_host_malloc() before anything runs")
     args = parser.parse_args(argv)

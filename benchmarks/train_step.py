@@ -309,17 +309,25 @@ def print_table(header: list[str], rows: list[tuple[str, ...]], text_columns: in
         print("| " + " | ".join(row) + " |")
 
 
+def timing_parser(doc: str, steps: int, rounds: int, only: list[str],
+                  only_help: str = "run one model only") -> argparse.ArgumentParser:
+    """The command line every timing script shares: ``--steps K`` (train steps per timed
+    round), ``--rounds R`` (interleaved rounds) and ``--only`` one of ``only``; ``doc`` is the
+    script's docstring, whose first paragraph describes it."""
+    parser = argparse.ArgumentParser(description=doc.split("\n\n")[0])
+    parser.add_argument("--steps", type=int, default=steps, help="train steps per timed round")
+    parser.add_argument("--rounds", type=int, default=rounds, help="interleaved rounds")
+    parser.add_argument("--only", choices=only, help=only_help)
+    return parser
+
+
 def print_setup(args) -> None:
     print(f"jax {jax.__version__} on {jax.devices()[0].device_kind}, {os.cpu_count()} cores; "
           f"{args.rounds} rounds of {args.steps} steps")
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--steps", type=int, default=10, help="train steps per timed round")
-    parser.add_argument("--rounds", type=int, default=15, help="interleaved rounds")
-    parser.add_argument("--only", choices=sorted(CASES), help="run one model only")
-    args = parser.parse_args(argv)
+    args = timing_parser(__doc__, steps=10, rounds=15, only=sorted(CASES)).parse_args(argv)
 
     with_torch = torch_available()
     print_setup(args)

@@ -8,37 +8,34 @@ import sys
 SCRIPT = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "train_step.py"
 
 
-def test_train_step_benchmark_runs():
-    result = subprocess.run(
-        [sys.executable, str(SCRIPT), "--steps", "1", "--rounds", "1", "--only", "mlp"],
-        capture_output=True, text=True, timeout=120)
+def _run(script: str, *args: str, timeout: int) -> str:
+    """Runs ``benchmarks/<script>`` with ``args``; asserts it succeeds and returns its stdout."""
+    result = subprocess.run([sys.executable, str(SCRIPT.parent / script), *args],
+                            capture_output=True, text=True, timeout=timeout)
     assert result.returncode == 0, result.stderr
-    assert "| MLP 784-512-512-10, batch 128 |" in result.stdout
+    return result.stdout
+
+
+def test_train_step_benchmark_runs():
+    out = _run("train_step.py", "--steps", "1", "--rounds", "1", "--only", "mlp", timeout=120)
+    assert "| MLP 784-512-512-10, batch 128 |" in out
 
 
 def test_checkpoint_io_benchmark_runs():
-    script = SCRIPT.parent / "checkpoint_io.py"
-    result = subprocess.run([sys.executable, str(script), "--params", "1000", "--rounds", "1"],
-                            capture_output=True, text=True, timeout=120)
-    assert result.returncode == 0, result.stderr
-    assert "| save_checkpoint |" in result.stdout and "| restore_checkpoint |" in result.stdout
+    out = _run("checkpoint_io.py", "--params", "1000", "--rounds", "1", timeout=120)
+    assert "| save_checkpoint |" in out and "| restore_checkpoint |" in out
 
 
 def test_parallel_step_benchmark_runs():
-    script = SCRIPT.parent / "parallel_step.py"
-    result = subprocess.run([sys.executable, str(script), "--steps", "1", "--rounds", "1",
-                             "--only", "mlp"], capture_output=True, text=True, timeout=180)
-    assert result.returncode == 0, result.stderr
-    assert "| sharded/plain | pmap/plain |" in result.stdout
+    out = _run("parallel_step.py", "--steps", "1", "--rounds", "1", "--only", "mlp", timeout=180)
+    assert "| sharded/plain | pmap/plain |" in out
 
 
 def test_sequence_step_benchmark_runs():
     """The LSTM LM part: fnn, the hand-written steps and the naive scan agree on the loss."""
-    script = SCRIPT.parent / "sequence_step.py"
-    result = subprocess.run([sys.executable, str(script), "--steps", "1", "--rounds", "1",
-                             "--only", "lstm"], capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr
-    assert "LSTM LM" in result.stdout
+    out = _run("sequence_step.py", "--steps", "1", "--rounds", "1", "--only", "lstm",
+               timeout=300)
+    assert "LSTM LM" in out
 
 
 def test_the_hand_written_step_with_skip_keeps_the_state_on_a_nan_batch():

@@ -5,9 +5,12 @@ import json
 import shutil
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+
+import fnn
 
 from fnn.data import batches, load_digits, load_text, sequence_batches
 from fnn.data.text import TextSplit, Vocab
@@ -15,6 +18,7 @@ from fnn.losses import softmax_cross_entropy
 from fnn.models import MLP
 from fnn.train import NonFiniteError, classification_task, language_model_task, train
 from fnn.train.checkpoint import list_steps
+from fnn.train.parallel import DATA_AXIS
 
 
 @pytest.fixture(scope="module")
@@ -166,3 +170,18 @@ def test_language_model_training_lowers_validation_bits_per_char():
     assert bits[0] < np.log2(text.vocab.size)  # better than uniform after 20 steps
     assert bits[-1] < bits[0] - 0.3
     assert json.dumps(history)  # rows are plain JSON
+
+
+def test_the_stop_names_the_cause_also_for_a_cross_device_batchnorm_under_pmap(digits):
+    """The debug pass runs outside pmap, where a BatchNorm with ``axis_name`` has no axis to
+    average over: it still names the layer (in evaluation mode) instead of failing."""
+    task = classification_task(digits, 32, seed=0)
+    model = fnn.serial(fnn.Flatten(start_axis=-3), fnn.Dense(16), fnn.Lambda(jnp.log),
+                       fnn.BatchNorm(axis_name=DATA_AXIS), fnn.Dense(10))  # log(< 0): NaN
+    with pytest.raises(NonFiniteError) as info:
+        train(model, optax.adam(1e-3), softmax_cross_entropy, task, num_steps=8,
+              max_bad_steps=2, parallel="pmap", devices=jax.devices()[:2], progress=False)
+    message = str(info.value)
+    assert "2 consecutive train steps (steps 1 to 2)" in message
+    assert "the output of Lambda at 2 has NaN" in message, message
+    assert "evaluation mode" in message and "outside pmap" in message, message

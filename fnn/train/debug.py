@@ -106,7 +106,10 @@ def find_nonfinite(model: Layer, params: Params, state: State, x: Any, y: Any, l
        closest to its cause (``"the gradient of params['0']['w'] (Dense at 0) has NaN"``).
 
     The forward pass runs eagerly (un-jitted) so that every layer's output can be read; the
-    gradients are computed by one jitted backward pass. Call it on the batch that went wrong,
+    gradients are computed by one jitted backward pass. A model whose layers average over a
+    device axis (``BatchNorm(axis_name=...)``) cannot run in training mode outside
+    ``pmap``/``shard_map``: it is then checked in evaluation mode, and the message says so. Call
+    it on the batch that went wrong,
     with the params, state and key of the step that went wrong (``fold_in(ts.key, ts.step)``
     for a :class:`~fnn.train.TrainState`).
     """
@@ -117,8 +120,17 @@ def find_nonfinite(model: Layer, params: Params, state: State, x: Any, y: Any, l
             where_in = jax.tree_util.keystr(bad[0])
             return f"{what}{' entry ' + where_in if where_in else ''} has {bad[1]}"
 
-    with record_layers() as rows:
-        outputs, new_state = model.apply(params, state, x, key=key, train=train)
+    try:
+        with record_layers() as rows:
+            outputs, new_state = model.apply(params, state, x, key=key, train=train)
+    except NameError as e:
+        # a layer that averages over devices (BatchNorm(axis_name=...)) has no device axis
+        # outside pmap/shard_map; in evaluation mode it uses its running statistics instead
+        if not train or "unbound axis name" not in str(e):
+            raise
+        found = find_nonfinite(model, params, state, x, y, loss, key=key, train=False)
+        return found and (f"{found} (found in evaluation mode: in training mode the model "
+                          f"averages over a device axis, which does not exist outside pmap: {e})")
     layers: dict[str, str] = {}
     for path, name, _, _ in rows:
         layers.setdefault(path, name)

@@ -192,13 +192,13 @@ def generate(args: argparse.Namespace) -> int:
     example = np.zeros((config.data["batch_size"], config.data["seq_len"]), np.int32)
     like = jax.eval_shape(lambda: create_train_state(model, optimizer, jax.random.key(0),
                                                      example))
-    ts, meta = restore_checkpoint(run / "checkpoints", like)
+    ts, _ = restore_checkpoint(run / "checkpoints", like)
     prompt = vocab.encode(args.prompt)[None]
     # generate checks that a GPT's prompt plus the new characters fit its max_length
     decode = init_gpt_cache(ts.params, 1) if name == "gpt" else init_lstm_carry(ts.params, 1)
     ids = sample(model, ts.params, decode, prompt, args.length, key=jax.random.key(args.seed),
                  temperature=args.temperature, top_k=args.top_k)
-    print(f"# {name} at step {meta['step']}, temperature {args.temperature}, "
+    print(f"# {name} at step {int(ts.step)}, temperature {args.temperature}, "
           f"top_k {args.top_k}", file=sys.stderr)
     print(vocab.decode(np.asarray(ids[0])))
     return 0

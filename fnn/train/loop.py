@@ -74,10 +74,10 @@ class _TrainMeans:
         self.sums = dict(sums or {})
         self.count = count
 
-    def add(self, metrics: Mapping[str, Any]) -> None:
-        skipped = bool(metrics["skipped_now"])
+    def add(self, metrics: Mapping[str, float]) -> None:
+        skipped = metrics["bad_streak"] > 0  # a skipped step extends the streak; a good one ends it
         for name, value in metrics.items():
-            if name not in _COUNTERS and name != "skipped_now":
+            if name not in _COUNTERS:
                 self.sums[name] = self.sums.get(name, 0.0) + (0.0 if skipped else float(value))
         self.count += not skipped
 
@@ -153,11 +153,6 @@ def train(model: Layer, optimizer: optax.GradientTransformation, loss: Loss, tas
     bar = _progress_bar(num_steps, start, progress and writer)
     clock = time.perf_counter()
 
-    def host_metrics(m) -> dict[str, float]:
-        m = jax.device_get(m)
-        return {name: float(v) for name, v in m.items()} | {
-            "skipped_now": int(m["bad_streak"] > 0)}
-
     def check_streak(step: int, m: Mapping[str, float], batch) -> None:
         streak = int(m["bad_streak"])
         if streak < max_bad_steps:
@@ -173,53 +168,56 @@ def train(model: Layer, optimizer: optax.GradientTransformation, loss: Loss, tas
             f"{step - streak + 1}; stopping (max_bad_steps={max_bad_steps}). On the last bad "
             f"batch: {found or 'the debug pass found every output and gradient finite'}")
 
+    def read(pending) -> dict[str, float]:
+        """A dispatched step's metrics on the host: added to the means, the streak checked."""
+        done, m, batch = pending
+        metrics = {name: float(v) for name, v in jax.device_get(m).items()}
+        means.add(metrics)
+        check_streak(done, metrics, batch)
+        return metrics
+
     pts = runner.put_state(ts)
+    state = None  # the train state as of the last history row or checkpoint
     pending = None  # the previous step's (step, metrics, batch): read after the next dispatch
     for step in range(start, num_steps):
         batch = task.batch(step)
         pts, m = runner.step(pts, *runner.put_batch(*_local_rows(*batch)))
         if pending is not None:
-            done, previous_m, previous_batch = pending
-            previous = host_metrics(previous_m)
-            means.add(previous)
-            check_streak(done, previous, previous_batch)
+            read(pending)
         pending = (step + 1, m, batch)
         bar.update()
-        last = step + 1 == num_steps
-        if last or (step + 1) % eval_every == 0 or (
-                checkpoint_every and (step + 1) % checkpoint_every == 0):
-            done, current_m, current_batch = pending
-            current = host_metrics(current_m)
-            means.add(current)
-            pending = None
-            check_streak(done, current, current_batch)
-            if last or (step + 1) % eval_every == 0:
-                state = runner.get_state(pts)
-                held_out = evaluate_batches(eval_step, state.params, state.state,
-                                            task.eval_batches())
-                epochs, index = divmod(step + 1, task.steps_per_epoch)
-                row = {"step": step + 1, "epoch": epochs if index == 0 else
-                       round((step + 1) / task.steps_per_epoch, 4)}
-                row |= {f"train_{k}": v for k, v in means.means().items()}
-                row |= {f"{task.eval_name}_{k}": v for k, v in held_out.items()}
-                row["skipped"] = int(current["skipped"])
-                row["seconds"] = round(seconds_before + time.perf_counter() - clock, 3)
-                history.append(row)
-                means = _TrainMeans()
-                bar.set_postfix({"loss": f"{row.get('train_loss') or float('nan'):.4f}"}
-                                | {k: f"{v:.4f}" for k, v in held_out.items()}, refresh=True)
-                if on_log is not None and writer:
-                    on_log(row)
-            if checkpoint_dir is not None and writer and (
-                    last or (checkpoint_every and (step + 1) % checkpoint_every == 0)):
-                epochs, index = divmod(step + 1, task.steps_per_epoch)
-                save_checkpoint(checkpoint_dir, step + 1, runner.get_state(pts), keep=keep,
-                                metadata={"step": step + 1, "next_epoch": epochs + 1,
-                                          "next_batch_in_epoch": index, "history": history,
-                                          "train_sums": means.sums,
-                                          "train_count": means.count})
+        done = step + 1
+        last = done == num_steps
+        log_now = last or done % eval_every == 0
+        save_now = checkpoint_dir is not None and (
+            last or bool(checkpoint_every and done % checkpoint_every == 0))
+        if not (log_now or save_now):
+            continue
+        current, pending = read(pending), None
+        state = runner.get_state(pts)
+        if log_now:
+            held_out = evaluate_batches(eval_step, state.params, state.state,
+                                        task.eval_batches())
+            epochs, index = divmod(done, task.steps_per_epoch)
+            row = {"step": done, "epoch": epochs if index == 0 else
+                   round(done / task.steps_per_epoch, 4)}
+            row |= {f"train_{k}": v for k, v in means.means().items()}
+            row |= {f"{task.eval_name}_{k}": v for k, v in held_out.items()}
+            row["skipped"] = int(current["skipped"])
+            row["seconds"] = round(seconds_before + time.perf_counter() - clock, 3)
+            history.append(row)
+            means = _TrainMeans()
+            bar.set_postfix({"loss": f"{row.get('train_loss') or float('nan'):.4f}"}
+                            | {k: f"{v:.4f}" for k, v in held_out.items()}, refresh=True)
+            if on_log is not None and writer:
+                on_log(row)
+        if save_now and writer:
+            # the data position is the step (the manifest's own): a batch is f(seed, step)
+            save_checkpoint(checkpoint_dir, done, state, keep=keep,
+                            metadata={"history": history, "train_sums": means.sums,
+                                      "train_count": means.count})
     bar.close()
-    return runner.get_state(pts), history
+    return (runner.get_state(pts) if state is None else state), history
 
 
 def fit(model: Layer, optimizer: optax.GradientTransformation, data: Split, loss: Loss, *,

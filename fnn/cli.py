@@ -12,19 +12,20 @@ import json
 import sys
 from pathlib import Path
 
-from fnn.config import (MODEL_DATA, ConfigError, build_loss, build_model, build_optimizer,
-                        load_config)
+from fnn.config import (HOST_MALLOC, MODEL_DATA, ConfigError, build_loss, build_model,
+                        build_optimizer, load_config)
+from fnn.train.parallel import MODES
 from fnn.train.checkpoint import CheckpointError
 
 
-def _task(config, data_path: str | None = None):
+def _task(config):
     """The config's training task and the arguments its model takes from the data."""
     from fnn.data import load_digits, load_text
     from fnn.train.tasks import classification_task, language_model_task
 
     data = config.data
     if data["name"] == "text":
-        text = load_text(data.get("path") if data_path is None else data_path)
+        text = load_text(data.get("path"))
         task = language_model_task(text, data["batch_size"], data["seq_len"], seed=config.seed,
                                    eval_batch_size=data.get("eval_batch_size"))
         return task, {"vocab_size": text.vocab.size}, text.vocab
@@ -43,12 +44,10 @@ def _overrides(args: argparse.Namespace) -> dict:
 def _devices(config):
     import jax
 
-    if config.parallel["mode"] == "none":
-        return None  # the first local device
     count = config.parallel["devices"]
+    if config.parallel["mode"] == "none" or count is None:
+        return None  # data_parallel's default: the first device, or every device of the mode
     available = jax.local_devices() if jax.process_count() == 1 else jax.devices()
-    if count is None:
-        return available
     if count > len(available):
         raise ConfigError(f"parallel.devices is {count} but only {len(available)} devices "
                           f"are available")
@@ -225,14 +224,14 @@ def main(argv: list[str] | None = None) -> int:
     train_cmd.add_argument("--output-dir", help="override the config's output_dir")
     train_cmd.add_argument("--resume", action="store_true",
                            help="continue from the latest checkpoint in output_dir")
-    train_cmd.add_argument("--parallel", choices=["none", "pmap", "sharded"],
+    train_cmd.add_argument("--parallel", choices=MODES,
                            help="override parallel.mode (pmap/sharded: data parallel)")
     train_cmd.add_argument("--devices", type=int,
                            help="override parallel.devices (default: every local device)")
     train_cmd.add_argument("--processes", type=int, default=1,
                            help="launch N local processes that train together (127.0.0.1)")
     train_cmd.add_argument("--no-progress", action="store_true", help="hide the progress bar")
-    train_cmd.add_argument("--host-malloc", choices=["default", "tuned"],
+    train_cmd.add_argument("--host-malloc", choices=HOST_MALLOC,
                            help="override host_malloc (tuned: glibc keeps freed memory for the "
                                 "next step; faster for steps with large temporaries)")
     train_cmd.set_defaults(run=train)

@@ -239,14 +239,10 @@ def summary(model: Layer, x: Spec, *, train: bool = False) -> str:
     """
     spec = as_spec(x)
     params, state = jax.eval_shape(model.init, jax.random.key(0), spec)
-    rows: list = []
-    token = _RECORD.set(rows)
-    try:
-        apply = functools.partial(model.apply, key=jax.random.key(0) if train else None,
-                                  train=train)
+    apply = functools.partial(model.apply, key=jax.random.key(0) if train else None,
+                              train=train)
+    with record_layers() as rows:
         y, _ = jax.eval_shape(apply, params, state, spec)
-    finally:
-        _RECORD.reset(token)
     table = [("path", "layer", "output", "params", "bytes")]
     table.append(("", model.name, _shape_str(y), f"{param_count(params):,}",
                   f"{param_bytes(params):,}"))

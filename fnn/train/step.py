@@ -89,8 +89,8 @@ def train_step_fn(model: Layer, optimizer: optax.GradientTransformation, loss: L
     def keep(grads, ts: TrainState, new_state, *, updated):
         # in the dtypes of the update: an optimizer may promote its state (bfloat16 moments
         # with float32 hyper-parameters), and both branches must agree
-        return jax.tree.map(lambda old, new: old if old.dtype == new.dtype else
-                            old.astype(new.dtype), (ts.params, ts.state, ts.opt_state), updated)
+        return jax.tree.map(lambda old, new: old.astype(new.dtype),
+                            (ts.params, ts.state, ts.opt_state), updated)
 
     return step
 

@@ -155,10 +155,20 @@ def init_cache(params: dict[str, Any], batch_shape: int | tuple[int, ...], max_l
             "index": jnp.zeros((), jnp.int32)}
 
 
-def _explicit_attention(q, k, v, mask, rate, key):
-    """``softmax(q k^T / sqrt(d) masked) v`` with einsums. ``q: [B, T, N, D]``,
-    ``k, v: [B, S, K, D]``, ``mask: bool [1 or B, 1 or N, T, S]`` or ``None``; dropout with
-    ``rate`` on the attention weights when ``key`` is given."""
+def _project(p: dict[str, Any], x: jax.Array, dt: Any) -> jax.Array:
+    """A query/key/value projection ``x: [..., time, features] -> [..., time, heads, head_dim]``
+    in ``dt``."""
+    y = jnp.einsum("...tf,fhd->...thd", x, p["w"].astype(dt))
+    if "b" in p:
+        y = y + align(p["b"].astype(dt), y.ndim)
+    return y
+
+
+def _attention_probs(q, k, mask):
+    """``softmax(q k^T / sqrt(d))`` over the key positions, masked, in at least float32:
+    ``q: [B, T, N, D]``, ``k: [B, S, K, D]``, ``mask: bool [1 or B, 1 or N, T, S]`` or ``None``
+    ``-> [B, K, N // K, T, S]``; query head ``h`` is ``[:, h // (N // K), h % (N // K)]`` and
+    uses key head ``h // (N // K)``. A row that may attend to nothing is uniform."""
     b, t, n, d = q.shape
     kv_heads = k.shape[2]
     g = n // kv_heads
@@ -169,15 +179,23 @@ def _explicit_attention(q, k, v, mask, rate, key):
     if mask is not None:
         mb, mn = mask.shape[:2]
         mask = mask.reshape((mb, kv_heads, g) + mask.shape[2:]) if mn == n else mask[:, :, None]
+        # finite: a fully masked row stays finite (uniform)
         big_negative = jnp.asarray(-0.7 * jnp.finfo(jnp.float32).max, logits_dt)
         logits = jnp.where(mask, logits, big_negative)
-    weights = jax.nn.softmax(logits, axis=-1)
+    return jax.nn.softmax(logits, axis=-1)
+
+
+def _explicit_attention(q, k, v, mask, rate, key):
+    """``softmax(q k^T / sqrt(d) masked) v`` with einsums. ``q: [B, T, N, D]``,
+    ``k, v: [B, S, K, D]``, ``mask: bool [1 or B, 1 or N, T, S]`` or ``None``; dropout with
+    ``rate`` on the attention weights when ``key`` is given."""
+    weights = _attention_probs(q, k, mask)
     if key is not None:
         keep = jax.random.bernoulli(key, 1.0 - rate, weights.shape)
         weights = jnp.where(keep, weights / jnp.asarray(1.0 - rate, weights.dtype),
                             jnp.zeros((), weights.dtype))
     out = jnp.einsum("bkgts,bskd->btkgd", weights.astype(v.dtype), v)
-    return out.reshape(b, t, n, d)
+    return out.reshape(q.shape)
 
 
 # ----------------------------------------------------------------------------- the layer
@@ -298,13 +316,6 @@ def MultiHeadAttention(num_heads: int, *, num_kv_heads: int | None = None,
                                            (out,), param_dtype)
         return params, {}
 
-    def project(p, x, dt):
-        """``x: [B, T, F] -> [B, T, heads, D]``."""
-        y = jnp.einsum("btf,fhd->bthd", x, p["w"].astype(dt))
-        if "b" in p:
-            y = y + align(p["b"].astype(dt), y.ndim)
-        return y
-
     def apply(params, state, x, *, key=None, train=False):
         check_train(train)
         q_in, kv_in, inp = split(x)
@@ -317,9 +328,9 @@ def MultiHeadAttention(num_heads: int, *, num_kv_heads: int | None = None,
         lead, t, s = q_in.shape[:-2], q_in.shape[-2], kv_in.shape[-2]
         b = math.prod(lead)
         dt = compute_dtype(dtype, q_in, param_dtype)
-        q = project(params["query"], q_in.reshape(b, t, features).astype(dt), dt)
-        k = project(params["key"], kv_in.reshape(b, s, kv_features).astype(dt), dt)
-        v = project(params["value"], kv_in.reshape(b, s, kv_features).astype(dt), dt)
+        q = _project(params["query"], q_in.reshape(b, t, features).astype(dt), dt)
+        k = _project(params["key"], kv_in.reshape(b, s, kv_features).astype(dt), dt)
+        v = _project(params["value"], kv_in.reshape(b, s, kv_features).astype(dt), dt)
 
         cache = state.get("cache") if isinstance(state, dict) else None
         decode = cache is not None
@@ -478,14 +489,6 @@ def _check_weights_params(params: Any) -> tuple[int, int, int, int]:
     return features, heads, kv_heads, head_dim
 
 
-def _project_heads(p: dict[str, Any], x: jax.Array) -> jax.Array:
-    """``x: [..., time, features] -> [..., time, heads, head_dim]`` in ``x``'s dtype."""
-    y = jnp.einsum("...tf,fhd->...thd", x, p["w"].astype(x.dtype))
-    if "b" in p:
-        y = y + align(p["b"].astype(x.dtype), y.ndim)
-    return y
-
-
 def attention_weights(params: dict[str, Any], x: jax.Array, *, causal: bool = False,
                       rope: bool = False, rope_base: float = 10000.0,
                       mask: Any = None) -> jax.Array:
@@ -534,22 +537,20 @@ def attention_weights(params: dict[str, Any], x: jax.Array, *, causal: bool = Fa
             raise ShapeError(f"{_WEIGHTS}: expected mask bool broadcastable to [..., heads, "
                              f"time, time] = {_dims(full)}, got {describe(mask)}")
     dt = _at_least_f32(x.dtype)
-    xf = x.astype(dt)
-    q = _project_heads(params["query"], xf)  # [..., T, N, D]
-    k = _project_heads(params["key"], xf)  # [..., T, K, D]
+    batch = math.prod(lead)
+    xf = x.reshape(batch, t, features).astype(dt)
+    q = _project(params["query"], xf, dt)  # [B, T, N, D]
+    k = _project(params["key"], xf, dt)  # [B, T, K, D]
     if rope:
         positions = jnp.arange(t, dtype=jnp.int32)
         q, k = apply_rope(q, positions, rope_base), apply_rope(k, positions, rope_base)
-    # each key head serves a contiguous group of heads // kv_heads query heads
-    k = jnp.repeat(k, heads // kv_heads, axis=-2)  # [..., T, N, D]
-    logits = jnp.einsum("...thd,...shd->...hts", q, k) * jnp.asarray(1.0 / math.sqrt(head_dim),
-                                                                      dt)
     allowed = jnp.ones((1,) * len(full), jnp.bool_)
     if causal:
         allowed = align(jnp.tril(jnp.ones((t, t), jnp.bool_)), len(full))
     if mask is not None:
         allowed = allowed & align(mask, len(full))
-    # a finite fill keeps fully masked rows finite; they are zeroed below like masked entries
-    logits = jnp.where(allowed, logits, jnp.asarray(jnp.finfo(dt).min, dt))
-    weights = jax.nn.softmax(logits, axis=-1)
-    return jnp.where(allowed, weights, jnp.zeros((), dt))
+    allowed = jnp.broadcast_to(allowed, full).reshape(batch, heads, t, t)
+    # the layer's own probabilities, [B, K, N // K, T, T] -> [B, N, T, T] (head order kept)
+    weights = _attention_probs(q, k, allowed).reshape(batch, heads, t, t)
+    # masked entries exactly 0, and so a row that may attend to nothing all zeros
+    return jnp.where(allowed, weights, jnp.zeros((), weights.dtype)).reshape(full)

@@ -145,7 +145,12 @@ def sequence_batches(ids: np.ndarray, batch_size: int, seq_len: int, *, seed: in
         starts = np.arange(count * batch_size) * seq_len
     else:
         starts = window_starts(len(ids), count * batch_size, seq_len, seed, epoch)
-    offsets = np.arange(seq_len + 1)
     for b in range(count):
-        window = ids[starts[b * batch_size:(b + 1) * batch_size, None] + offsets]
-        yield window[:, :-1], window[:, 1:]
+        yield windows(ids, starts[b * batch_size:(b + 1) * batch_size], seq_len)
+
+
+def windows(ids: np.ndarray, starts: np.ndarray, seq_len: int) -> tuple[np.ndarray, np.ndarray]:
+    """``(x, y)``, each ``[len(starts), seq_len]``: ``x[i] = ids[s: s + seq_len]`` and
+    ``y[i] = ids[s + 1: s + 1 + seq_len]`` for ``s = starts[i]``."""
+    window = ids[np.asarray(starts)[:, None] + np.arange(seq_len + 1)]
+    return window[:, :-1], window[:, 1:]

@@ -16,7 +16,7 @@ import numpy as np
 
 from fnn.data.batching import batches, epoch_order, num_batches
 from fnn.data.digits import Split
-from fnn.data.text import TextSplit, num_sequence_batches, sequence_batches, window_starts
+from fnn.data.text import TextSplit, num_sequence_batches, window_starts, windows
 from fnn.losses import accuracy, bits_per_char
 
 Metric = Callable[[jax.Array, jax.Array], jax.Array]
@@ -91,22 +91,17 @@ def language_model_task(text: TextSplit, batch_size: int, seq_len: int, *, seed:
     train = np.asarray(text.train, np.int32)
     starts = functools.lru_cache(maxsize=2)(
         lambda epoch: window_starts(len(train), steps * batch_size, seq_len, seed, epoch))
-    offsets = np.arange(seq_len + 1)
+    valid = np.asarray(text.valid, np.int32)
 
     def batch(step: int):
         epoch, i = _epoch_of(step, steps)
-        window = train[starts(epoch)[i * batch_size:(i + 1) * batch_size, None] + offsets]
-        return window[:, :-1], window[:, 1:]
+        return windows(train, starts(epoch)[i * batch_size:(i + 1) * batch_size], seq_len)
 
     def eval_batches():
-        # every whole validation window once, in batches of up to eval_batch_size
-        size = min(eval_batch_size, eval_windows)
-        full = sequence_batches(text.valid, size, seq_len)
-        yield from full
-        done = num_sequence_batches(len(text.valid), size, seq_len) * size
-        if done < eval_windows:  # the last, smaller batch
-            yield from sequence_batches(text.valid[done * seq_len:], eval_windows - done,
-                                        seq_len)
+        # every whole validation window once, consecutive, in batches of up to eval_batch_size
+        for first in range(0, eval_windows, eval_batch_size):
+            count = min(eval_batch_size, eval_windows - first)
+            yield windows(valid, (first + np.arange(count)) * seq_len, seq_len)
 
     example = train[:seq_len * batch_size].reshape(batch_size, seq_len)
     return Task(example, steps, batch, eval_batches, "valid",

@@ -260,11 +260,8 @@ def LSTM(hidden_size: int, *, forget_bias: float = 1.0,
 
     def recur(params, carry, p):
         dt = p.dtype
-        h, c = carry.h.astype(dt), carry.c.astype(dt)
-        z = p + jnp.matmul(h, params["w_h"].astype(dt))
-        i, f, g, o = jnp.split(z, 4, axis=-1)
-        c = jax.nn.sigmoid(f) * c + jax.nn.sigmoid(i) * jnp.tanh(g)
-        h = jax.nn.sigmoid(o) * jnp.tanh(c)
+        _, c, _, h = _lstm_step(params["w_h"].astype(dt), None, carry.h.astype(dt),
+                                carry.c.astype(dt), p)  # p includes the bias
         return LSTMCarry(h, c), h
 
     def loop(params, x, mask, reverse, unroll):
@@ -285,9 +282,11 @@ def LSTM(hidden_size: int, *, forget_bias: float = 1.0,
 # Time-major throughout: p [time, ..., 4H] is x @ w_i without the bias, h and c [..., H],
 # mask bool[time, ...] or None. See "The LSTM's loop" in the module docstring.
 
-def _lstm_step(w_h: jax.Array, b: jax.Array, h: jax.Array, c: jax.Array, p_t: jax.Array):
-    """One step: the activated gates ``(i, f, g, o)``, the new ``c``, ``tanh(c)`` and ``h``."""
-    z = p_t + align(b, p_t.ndim) + jnp.matmul(h, w_h)
+def _lstm_step(w_h: jax.Array, b: jax.Array | None, h: jax.Array, c: jax.Array,
+               p_t: jax.Array):
+    """One step on the input projection ``p_t`` (plus ``b`` unless ``None``): the activated
+    gates ``(i, f, g, o)``, the new ``c``, ``tanh(c)`` and ``h``."""
+    z = p_t + jnp.matmul(h, w_h) if b is None else p_t + align(b, p_t.ndim) + jnp.matmul(h, w_h)
     i, f, g, o = jnp.split(z, 4, axis=-1)
     i, f, g, o = jax.nn.sigmoid(i), jax.nn.sigmoid(f), jnp.tanh(g), jax.nn.sigmoid(o)
     c = f * c + i * g

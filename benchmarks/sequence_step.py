@@ -7,7 +7,7 @@ the compile time of a deep transformer.
 
 Models (built here from fnn layers, not from ``fnn.models``):
 
-- LSTM LM: ``serial(embed=Embedding(96, 64), lstm=RNN(LSTM(256)), head=Dense(96))``, sequence
+- LSTM LM: ``serial(embed=Embedding(96, 64), lstm=LSTM(256), head=Dense(96))``, sequence
   64, batch 32. Timed five ways: fnn (the LSTM's own loop); fnn with the LSTM's loop removed,
   so that ``RNN`` runs its generic ``lax.scan`` over ``recur`` (what fnn did before the LSTM had
   a loop); by hand with the input projection of all time steps as one matmul before a
@@ -28,7 +28,7 @@ step's temporary buffers (``memory_analysis().temp_size_in_bytes``; JAX only) an
 page faults per step counted around the timed rounds (``getrusage``): a fresh, untouched page
 costs a fault, so a step whose buffers are fresh memory every time pays for them again.
 
-``--host-malloc tuned`` calls ``fnn.runtime.tune_host_malloc`` first (the whole process: fnn,
+``--host-malloc tuned`` calls ``fnn.app.runtime.tune_host_malloc`` first (the whole process: fnn,
 the hand-written steps and PyTorch alike), as ``host_malloc: tuned`` does for ``fnn train``.
 
 ``--only compile``: wall seconds of ``jit(...).lower(...).compile()`` of the Transformer LM's
@@ -54,7 +54,7 @@ from jax import lax
 
 import fnn
 from fnn.losses import softmax_cross_entropy
-from fnn.runtime import tune_host_malloc
+from fnn.app.runtime import tune_host_malloc
 from fnn.train import create_train_state, make_train_step
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -68,15 +68,14 @@ LOSS_TOLERANCE = 1e-4
 # ----------------------------------------------------------------------------- fnn models
 
 def lstm_lm() -> fnn.Layer:
-    return fnn.serial(embed=fnn.Embedding(96, 64), lstm=fnn.RNN(fnn.LSTM(256)),
-                      head=fnn.Dense(96))
+    return fnn.serial(embed=fnn.Embedding(96, 64), lstm=fnn.LSTM(256), head=fnn.Dense(96))
 
 
 def lstm_lm_generic_scan() -> fnn.Layer:
     """The same model with the LSTM's own loop removed: ``RNN`` then runs its generic scan over
     the cell's ``recur`` (the same params, values and gradients)."""
     return fnn.serial(embed=fnn.Embedding(96, 64),
-                      lstm=fnn.RNN(fnn.LSTM(256)._replace(loop=None)), head=fnn.Dense(96))
+                      lstm=fnn.RNN(fnn.LSTMCell(256)._replace(loop=None)), head=fnn.Dense(96))
 
 
 def transformer_lm(layers: int = 4) -> fnn.Layer:
@@ -135,15 +134,15 @@ def hand_transformer_params(p: dict) -> dict:
         att = b["attention"]
         f = att["query"]["w"].shape[0]
         layers.append({
-            "ln1_s": b["norm1"]["scale"], "ln1_b": b["norm1"]["bias"],
+            "ln1_s": b["norm1"]["scale"], "ln1_b": b["norm1"]["b"],
             **{f"w{n[0]}": att[n]["w"].reshape(f, -1) for n in ("query", "key", "value")},
             **{f"b{n[0]}": att[n]["b"].reshape(-1) for n in ("query", "key", "value")},
             "wo": att["out"]["w"].reshape(-1, f), "bo": att["out"]["b"],
-            "ln2_s": b["norm2"]["scale"], "ln2_b": b["norm2"]["bias"],
+            "ln2_s": b["norm2"]["scale"], "ln2_b": b["norm2"]["b"],
             "w1": b["ffn"]["up"]["w"], "b1": b["ffn"]["up"]["b"],
             "w2": b["ffn"]["down"]["w"], "b2": b["ffn"]["down"]["b"]})
     return {"tok": p["embed"]["table"], "pos": p["pos"]["table"], "layers": layers,
-            "lnf_s": p["norm"]["scale"], "lnf_b": p["norm"]["bias"],
+            "lnf_s": p["norm"]["scale"], "lnf_b": p["norm"]["b"],
             "head_w": p["head"]["w"], "head_b": p["head"]["b"]}
 
 
@@ -423,7 +422,7 @@ def main(argv=None) -> None:
     parser = timing_parser(__doc__, steps=5, rounds=10, only=sorted(CASES) + ["compile"],
                            only_help="run one part only")
     parser.add_argument("--host-malloc", choices=["default", "tuned"], default="default",
-                        help="tuned: fnn.runtime.tune_host_malloc() before anything runs")
+                        help="tuned: fnn.app.runtime.tune_host_malloc() before anything runs")
     args = parser.parse_args(argv)
     if args.host_malloc == "tuned" and not tune_host_malloc():
         raise SystemExit("--host-malloc tuned needs glibc")

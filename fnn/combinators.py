@@ -3,7 +3,8 @@
 Each child's params and state are nested under a stable, readable name: its position (``"0"``,
 ``"1"``, ...) or the keyword it was given. Children without params or state add nothing to the
 tree. Each child gets its own random key, folded in from its position, so adding a layer does not
-change the keys of the others.
+change the keys of the others. A :class:`~fnn.core.Seq` goes through a combinator as through any
+layer: each child gets it, and outputs are combined on their arrays.
 """
 
 from __future__ import annotations
@@ -12,62 +13,47 @@ from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
-
 from jax import lax
 
-from fnn.core import (Layer, LayerError, Params, State, apply_child, as_spec, check_positive,
-                      check_train, child_key, describe, init_child, output_spec, put, where)
+from fnn.core import (Children, Layer, LayerError, Params, Seq, State, apply_child, array_of,
+                      as_spec, check_positive, check_train, describe, init_child, inner_trace,
+                      output_spec, put, report_captured, where)
 
 
-def _named_children(name: str, layers: Sequence[Layer], named: dict[str, Layer]
-                    ) -> list[tuple[str, Layer]]:
-    children = [(str(i), layer) for i, layer in enumerate(layers)] + list(named.items())
-    if not children:
+def _children(name: str, layers: Sequence[Layer], named: dict[str, Layer]) -> Children:
+    entries = [(str(i), layer) for i, layer in enumerate(layers)] + list(named.items())
+    if not entries:
         raise ValueError(f"{name} needs at least one layer")
-    names = [child_name for child_name, _ in children]
+    names = [child_name for child_name, _ in entries]
     if len(set(names)) != len(names):
         raise ValueError(f"{name}: child names must be unique, got {names}")
-    for child_name, layer in children:
-        if not isinstance(layer, Layer):
-            raise TypeError(f"{name}: child {child_name!r} must be a Layer (built by a factory "
-                            f"such as Dense(10) or Relu()), got {type(layer).__name__}")
-        if "/" in child_name:
-            raise ValueError(f"{name}: child names may not contain '/', got {child_name!r}")
-    return children
+    return Children(name, dict(entries))
 
 
-def _init_children(children: list[tuple[str, Layer]], key, x, *, chain: bool
-                   ) -> tuple[Params, State]:
-    """Initialises each child on ``x``, or with ``chain`` on the previous child's output."""
-    params, state = {}, {}
-    for i, (child_name, child) in enumerate(children):
-        p, s, y = init_child(child_name, child, jax.random.fold_in(key, i), x)
-        x = y if chain else x
-        put(params, child_name, p)
-        put(state, child_name, s)
-    return params, state
-
-
-def _init_each(children: list[tuple[str, Layer]], apply):
+def _init_each(children: Children, apply):
     """An ``init`` that initialises every child on the same input, then traces ``apply`` once
     (shapes only) so that outputs that cannot be combined are reported at ``init``."""
     def init(key, x):
-        params, state = _init_children(children, key, x, chain=False)
-        output_spec(Layer(init, apply), params, state, x)
-        return params, state
+        child = children.initializer(key)
+        for name in children.layers:
+            child(name, x)
+        output_spec(Layer(init, apply), child.params, child.state, x)
+        return child.params, child.state
     return init
 
 
-def _apply_each(children: list[tuple[str, Layer]], params: Params, state: State, x, key, train
+def _apply_each(children: Children, params: Params, state: State, x, key, train
                 ) -> tuple[list[Any], State]:
     """Applies every child to the same input; returns their outputs and the new state."""
-    check_train(train)
-    outputs, new_state = [], {}
-    for i, (child_name, child) in enumerate(children):
-        y, s = apply_child(child_name, child, params, state, x, key=child_key(key, i), train=train)
-        outputs.append(y)
-        put(new_state, child_name, s)
-    return outputs, new_state
+    child = children.runner(params, state, key, train)
+    return [child(name, x) for name in children.layers], child.state
+
+
+def _on_arrays(fn: Callable[[list[Any]], Any], outputs: list[Any]) -> Any:
+    """``fn`` of the outputs' arrays; when the first output is a ``Seq``, the result comes back
+    in it (its side inputs kept)."""
+    y = fn([array_of(o) for o in outputs])
+    return outputs[0].with_x(y) if isinstance(outputs[0], Seq) else y
 
 
 def serial(*layers: Layer, **named: Layer) -> Layer:
@@ -78,19 +64,19 @@ def serial(*layers: Layer, **named: Layer) -> Layer:
     their keyword, in order: ``serial(encoder=mlp, head=Dense(10))`` has params
     ``{"encoder": ..., "head": ...}``.
     """
-    children = _named_children("serial", layers, named)
+    children = _children("serial", layers, named)
 
     def init(key, x):
-        return _init_children(children, key, x, chain=True)
+        child = children.initializer(key)
+        for name in children.layers:
+            x = child(name, x)
+        return child.params, child.state
 
     def apply(params, state, x, *, key=None, train=False):
-        check_train(train)
-        new_state = {}
-        for i, (child_name, child) in enumerate(children):
-            x, s = apply_child(child_name, child, params, state, x, key=child_key(key, i),
-                               train=train)
-            put(new_state, child_name, s)
-        return x, new_state
+        child = children.runner(params, state, key, train)
+        for name in children.layers:
+            x = child(name, x)
+        return x, child.state
 
     return Layer(init, apply, "serial")
 
@@ -126,17 +112,20 @@ def branch(*layers: Layer, combine: str | Callable[[tuple], Any] = "concat",
 
     ``combine`` is ``"concat"`` (along the last axis), ``"add"``, ``"tuple"`` (the outputs as a
     tuple, in order), or a function of that tuple. Children are named as in :func:`serial`.
+    With a ``Seq`` input the outputs' arrays are combined and returned in the first output's
+    ``Seq``.
     """
-    children = _named_children("branch", layers, named_layers)
+    children = _children("branch", layers, named_layers)
     combine_fn = combiner("branch", combine)
 
     def apply(params, state, x, *, key=None, train=False):
         outputs, new_state = _apply_each(children, params, state, x, key, train)
         try:
-            return combine_fn(tuple(outputs)), new_state
+            return _on_arrays(lambda ys: combine_fn(tuple(ys)), outputs), new_state
         except (TypeError, ValueError) as e:
-            raise LayerError(f"{where('branch')}: cannot combine outputs of shapes "
-                             f"{[jnp.shape(y) for y in outputs]} with {combine!r}: {e}") from e
+            raise LayerError(f"{where('branch')}: cannot combine outputs "
+                             f"{', '.join(describe(y) for y in outputs)} with {combine!r}: "
+                             f"{e}") from e
 
     return Layer(_init_each(children, apply), apply, "branch")
 
@@ -145,24 +134,30 @@ def residual(body: Layer, shortcut: Layer | None = None) -> Layer:
     """``body(x) + shortcut(x)``; the shortcut is the identity unless given.
     ``x: [...] -> y: [...]``, where both branches must give the same shape.
 
-    Params: ``{"body": ..., "shortcut": ...}`` (each left out when it has none).
+    Params: ``{"body": ..., "shortcut": ...}`` (each left out when it has none). With a ``Seq``
+    input the arrays are added and the result returned in the body's ``Seq``.
     """
-    children = [("body", body)] + ([("shortcut", shortcut)] if shortcut is not None else [])
+    children = Children("residual", {"body": body} | ({} if shortcut is None else
+                                                      {"shortcut": shortcut}))
 
-    def apply(params, state, x, *, key=None, train=False):
-        outputs, new_state = _apply_each(children, params, state, x, key, train)
-        skip = outputs[1] if shortcut is not None else x
-        y = outputs[0]
+    def add(ys: list[Any]) -> Any:
+        y, skip = ys[0], ys[1]
         if jnp.shape(y) != jnp.shape(skip):
             raise LayerError(f"{where('residual')}: the body's output {jnp.shape(y)} does not "
                              f"match the shortcut's {jnp.shape(skip)}; give a shortcut layer that "
                              f"maps the input to the body's output shape")
-        return y + skip.astype(y.dtype), new_state
+        return y + skip.astype(y.dtype)
+
+    def apply(params, state, x, *, key=None, train=False):
+        outputs, new_state = _apply_each(children, params, state, x, key, train)
+        return _on_arrays(add, outputs if shortcut is not None else outputs + [x]), new_state
 
     return Layer(_init_each(children, apply), apply, "residual")
 
 
 def _describe_tree(tree: Any) -> str:
+    if isinstance(tree, Seq):
+        return describe(tree)
     return ", ".join(describe(leaf) for leaf in jax.tree.leaves(tree)) or "nothing"
 
 
@@ -174,23 +169,32 @@ def _same_spec(x: Any, y: Any) -> bool:
                     for a, b in zip(jax.tree.leaves(x), jax.tree.leaves(y))))
 
 
-def _replace_first(x: tuple, first: Any) -> tuple:
-    """``x`` (a tuple or NamedTuple) with its first entry replaced."""
-    if hasattr(x, "_fields"):
-        return x._replace(**{x._fields[0]: first})
-    return type(x)((first,) + tuple(x[1:]))
+def _check_carry(layer: Layer, x: Any, y: Any) -> None:
+    """``repeat``'s one rule: each copy maps its input to an output like it (for a ``Seq``, an
+    array like its array, in a ``Seq``)."""
+    if isinstance(x, Seq) == isinstance(y, Seq) and _same_spec(array_of(x), array_of(y)):
+        return
+    raise LayerError(
+        f"{where('repeat')}: the repeated layer {layer.name} must map its input to an output of "
+        f"the same shape and dtype (each copy's output is the next copy's input), but it maps "
+        f"{_describe_tree(x)} to {_describe_tree(y)}")
+
+
+def _check_stacked(tree: Any, what: str, num: int) -> None:
+    for leaf in jax.tree.leaves(tree):
+        if jnp.ndim(leaf) < 1 or jnp.shape(leaf)[0] != num:
+            raise LayerError(f"{where('repeat')}: expected {what} stacked over {num} copies "
+                             f"(every leaf with leading axis {num}, as init makes them), got a "
+                             f"leaf {describe(leaf)}")
 
 
 def repeat(layer: Layer, num: int, *, remat: bool | Callable[..., bool] = False,
            unroll: int | bool = 1) -> Layer:
     """Applies ``num`` copies of ``layer``, each with its own params, one after another:
-    ``x: [...] -> [...]``, where ``layer`` must map its input to an output of the same shape,
-    dtype and structure (each copy's output is the next one's input).
-
-    Side inputs: when ``x`` is a tuple or NamedTuple (``AttentionInput(q, mask=...)``,
-    ``DecoderInput(x, memory)``, ``(x, memory)``) and ``layer`` maps it to an output shaped like
-    its first entry, that entry is carried from copy to copy and the other entries (masks,
-    lengths, memory) are given unchanged to every copy; the output is the last copy's.
+    ``x: [...] -> [...]``, where ``layer`` must map its input to an output of the same shape
+    and dtype (each copy's output is the next one's input). With a ``Seq`` input its array is
+    carried from copy to copy and every copy gets the same side inputs (lengths, masks,
+    memory); the output is the ``Seq`` with the last copy's array.
 
     The copies' params and state are stacked along a new leading axis of size ``num`` and the
     copies run in one ``lax.scan`` over that axis, so tracing and compile time do not grow with
@@ -228,66 +232,40 @@ def repeat(layer: Layer, num: int, *, remat: bool | Callable[..., bool] = False,
         raise ValueError(f"repeat: remat must be a bool or a jax.checkpoint policy, got "
                          f"{remat!r}")
 
-    def carries_first(x, y) -> bool:
-        """Whether ``y`` continues ``x`` (False) or ``x``'s first entry (True); raises if
-        neither."""
-        if _same_spec(x, y):
-            return False
-        if isinstance(x, tuple) and len(x) > 0 and _same_spec(x[0], y):
-            return True
-        raise LayerError(
-            f"{where('repeat')}: the repeated layer {layer.name} must map its input (or the "
-            f"first entry of a tuple input) to an output of the same shape and dtype (each "
-            f"copy's output is the next copy's input), but it maps {_describe_tree(x)} to "
-            f"{_describe_tree(y)}")
-
     def init(key, x):
-        out = {}
-
-        def init_one(k):
+        def init_one(k):  # copy i is initialised with fold_in(key, i) itself, as apply keys it
             p, s, y = init_child("layers", layer, k, x)
-            out["y"] = y  # a static spec, the same for every copy
-            return p, s
+            _check_carry(layer, x, y)
+            params, state = {}, {}
+            put(params, "layers", p)
+            put(state, "layers", s)
+            return params, state
 
         keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(jnp.arange(num))
-        stacked_params, stacked_state = jax.vmap(init_one)(keys)
-        carries_first(as_spec(x), out["y"])
-        params, state = {}, {}
-        put(params, "layers", stacked_params)
-        put(state, "layers", stacked_state)
-        return params, state
-
-    def check_stacked(tree, what):
-        for leaf in jax.tree.leaves(tree):
-            if jnp.ndim(leaf) < 1 or jnp.shape(leaf)[0] != num:
-                raise LayerError(f"{where('repeat')}: expected {what} stacked over {num} copies "
-                                 f"(every leaf with leading axis {num}, as init makes them), "
-                                 f"got a leaf {describe(leaf)}")
+        return jax.vmap(init_one)(keys)
 
     def apply(params, state, x, *, key=None, train=False):
         check_train(train)
-        stacked_params, stacked_state = params.get("layers", {}), state.get("layers", {})
-        check_stacked(stacked_params, "params")
-        check_stacked(stacked_state, "state")
-        mode = {}
+        _check_stacked(params, "params", num)
+        _check_stacked(state, "state", num)
 
-        def body(carry, xs):
-            p, s, k = xs
-            y, new_s = apply_child("layers", layer, {"layers": p}, {"layers": s}, carry, key=k,
-                                   train=train)
-            mode["first"] = carries_first(carry, y)  # static: the same for every copy
-            return (_replace_first(carry, y) if mode["first"] else y), new_s
+        def body(carry, per_copy):
+            p, s, k = per_copy
+            given = x.with_x(carry) if isinstance(x, Seq) else carry
+            with inner_trace(num) as captured:
+                y, new_s = apply_child("layers", layer, p, s, given, key=k, train=train)
+            _check_carry(layer, given, y)
+            return array_of(y), ({"layers": new_s} if new_s else {}, captured)
 
         if remat is not False:
             body = jax.checkpoint(body, prevent_cse=False,
                                   policy=None if remat is True else remat)
         keys = (None if key is None
                 else jax.vmap(lambda i: jax.random.fold_in(key, i))(jnp.arange(num)))
-        y, new_stacked_state = lax.scan(body, x, (stacked_params, stacked_state, keys),
-                                        length=num, unroll=unroll)
-        new_state = {}
-        put(new_state, "layers", new_stacked_state)
-        return (y[0] if mode["first"] else y), new_state
+        y, (new_state, captured) = lax.scan(body, array_of(x), (params, state, keys),
+                                            length=num, unroll=unroll)
+        report_captured(captured)
+        return (x.with_x(y) if isinstance(x, Seq) else y), new_state
 
     return Layer(init, apply, "repeat")
 
@@ -332,8 +310,13 @@ def remat(layer: Layer, *, policy: Callable[..., bool] | None = None,
         check_train(train)
 
         def run(params, state, x, key):  # train is closed over: static, as jax.checkpoint needs
-            return layer.apply(params, state, x, key=key, train=train)
+            with inner_trace() as captured:
+                y, new_state = layer.apply(params, state, x, key=key, train=train)
+            return y, new_state, captured
 
-        return jax.checkpoint(run, prevent_cse=prevent_cse, policy=policy)(params, state, x, key)
+        y, new_state, captured = jax.checkpoint(run, prevent_cse=prevent_cse, policy=policy)(
+            params, state, x, key)
+        report_captured(captured)
+        return y, new_state
 
     return Layer(layer.init, apply, f"remat({layer.name})")

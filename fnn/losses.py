@@ -1,5 +1,10 @@
 """Losses and metrics: each takes a batch of model outputs and targets and returns a scalar
-mean over the batch (float32 whatever the output dtype)."""
+mean over the batch (float32 whatever the output dtype).
+
+Outputs may be a :class:`~fnn.core.Seq` (a sequence model given padded sequences): with
+``lengths`` the mean is over the valid positions only, ``[..., time, ...]`` positions at or
+past each sequence's length left out (a batch with none valid gives 0).
+"""
 
 from __future__ import annotations
 
@@ -7,7 +12,32 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from fnn.core import LayerError
+from fnn.core import LayerError, Seq, valid_positions
+
+
+def _split(name: str, outputs, time_axis: int):
+    """The output array, and the weight of each position (``None``: all count) for a ``Seq``
+    with lengths; ``time_axis`` counts from the end of the output."""
+    if not isinstance(outputs, Seq):
+        return outputs, None
+    x = outputs.x
+    if outputs.lengths is None:
+        return x, None
+    lengths = outputs.lengths
+    batch = x.shape[:x.ndim + time_axis]
+    if tuple(jnp.shape(lengths)) != tuple(batch):
+        raise LayerError(f"{name}: expected lengths of shape {tuple(batch)} (the batch axes of "
+                         f"the outputs {x.shape}), got {tuple(jnp.shape(lengths))}")
+    return x, valid_positions(jnp.asarray(lengths).astype(jnp.int32), x.shape[time_axis])
+
+
+def _mean(values: jax.Array, weights: jax.Array | None) -> jax.Array:
+    """The mean of ``values``, weighted by ``weights`` (broadcast from the left) if given."""
+    if weights is None:
+        return values.mean()
+    w = weights.astype(values.dtype).reshape(weights.shape + (1,) * (values.ndim - weights.ndim))
+    w = jnp.broadcast_to(w, values.shape)
+    return jnp.sum(values * w) / jnp.maximum(jnp.sum(w), 1.0)
 
 
 def _check_labels(name: str, logits: jax.Array, labels: jax.Array) -> None:
@@ -19,55 +49,65 @@ def _check_labels(name: str, logits: jax.Array, labels: jax.Array) -> None:
                          f"{labels.shape}")
 
 
-def softmax_cross_entropy(logits: jax.Array, labels: jax.Array, *,
+def softmax_cross_entropy(logits: jax.Array | Seq, labels: jax.Array, *,
                           label_smoothing: float = 0.0) -> jax.Array:
     """Mean cross-entropy of ``logits: [..., num_classes]`` against integer ``labels: [...]``.
 
     With ``label_smoothing`` ``s``, the target puts ``1 - s`` on the label and spreads ``s``
     evenly over all classes.
     """
-    _check_labels("softmax_cross_entropy", logits, labels)
+    name = "softmax_cross_entropy"
+    logits, weights = _split(name, logits, -2)
+    _check_labels(name, logits, labels)
     logits = logits.astype(jnp.float32)
     if not label_smoothing:
-        return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+        return _mean(optax.softmax_cross_entropy_with_integer_labels(logits, labels), weights)
     if not 0.0 <= label_smoothing < 1.0:
-        raise ValueError(f"softmax_cross_entropy: label_smoothing must be in [0, 1), "
-                         f"got {label_smoothing!r}")
+        raise ValueError(f"{name}: label_smoothing must be in [0, 1), got {label_smoothing!r}")
     targets = optax.smooth_labels(jax.nn.one_hot(labels, logits.shape[-1]), label_smoothing)
-    return optax.softmax_cross_entropy(logits, targets).mean()
+    return _mean(optax.softmax_cross_entropy(logits, targets), weights)
 
 
-def _elementwise_mean(name: str, fn, outputs: jax.Array, targets: jax.Array) -> jax.Array:
-    """The float32 mean of ``fn(outputs, targets)``, for outputs and targets of one shape."""
-    if outputs.shape != targets.shape:
+def _elementwise_mean(name: str, fn, outputs, targets: jax.Array) -> jax.Array:
+    """The float32 mean of ``fn(outputs, targets)``, for outputs and targets of one shape (a
+    ``Seq``'s outputs ``[..., time, ...]`` with the time axis after its lengths' axes)."""
+    seq_rank = None if not isinstance(outputs, Seq) or outputs.lengths is None else \
+        jnp.ndim(outputs.lengths)
+    array = outputs.x if isinstance(outputs, Seq) else outputs
+    if array.shape != targets.shape:
         raise LayerError(f"{name}: expected outputs and targets of the same shape, got "
-                         f"{outputs.shape} and {targets.shape}")
-    return fn(outputs.astype(jnp.float32), targets.astype(jnp.float32)).mean()
+                         f"{array.shape} and {targets.shape}")
+    weights = None
+    if seq_rank is not None:
+        _, weights = _split(name, outputs, seq_rank - array.ndim)
+    return _mean(fn(array.astype(jnp.float32), targets.astype(jnp.float32)), weights)
 
 
-def binary_cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
+def binary_cross_entropy(logits: jax.Array | Seq, labels: jax.Array) -> jax.Array:
     """Mean sigmoid cross-entropy of ``logits: [...]`` against ``labels: [...]`` in [0, 1]."""
     return _elementwise_mean("binary_cross_entropy", optax.sigmoid_binary_cross_entropy,
                              logits, labels)
 
 
-def mean_squared_error(predictions: jax.Array, targets: jax.Array) -> jax.Array:
+def mean_squared_error(predictions: jax.Array | Seq, targets: jax.Array) -> jax.Array:
     """Mean of ``(predictions - targets) ** 2`` over every element."""
     return _elementwise_mean("mean_squared_error", optax.squared_error, predictions, targets)
 
 
-def accuracy(logits: jax.Array, labels: jax.Array) -> jax.Array:
+def accuracy(logits: jax.Array | Seq, labels: jax.Array) -> jax.Array:
     """Fraction of ``argmax(logits, -1) == labels``."""
+    logits, weights = _split("accuracy", logits, -2)
     _check_labels("accuracy", logits, labels)
-    return jnp.mean((jnp.argmax(logits, -1) == labels).astype(jnp.float32))
+    return _mean((jnp.argmax(logits, -1) == labels).astype(jnp.float32), weights)
 
 
-def bits_per_char(logits: jax.Array, labels: jax.Array) -> jax.Array:
+def bits_per_char(logits: jax.Array | Seq, labels: jax.Array) -> jax.Array:
     """Mean cross-entropy in bits (``log2``, not ``ln``) of ``logits: [..., vocab]`` against
     integer ``labels: [...]``: a language model's bits per character (or per token)."""
+    logits, weights = _split("bits_per_char", logits, -2)
     _check_labels("bits_per_char", logits, labels)
     nats = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), labels)
-    return nats.mean() / jnp.log(jnp.asarray(2.0, jnp.float32))
+    return _mean(nats, weights) / jnp.log(jnp.asarray(2.0, jnp.float32))
 
 
 LOSSES = {

@@ -19,11 +19,15 @@ from fnn.layers.activations import Softmax as Softmax
 from fnn.layers.activations import Softplus as Softplus
 from fnn.layers.activations import Tanh as Tanh
 from fnn.layers.activations import activation as activation
-from fnn.layers.attention import AttentionInput as AttentionInput
 from fnn.layers.attention import MultiHeadAttention as MultiHeadAttention
-from fnn.layers.attention import apply_rope as apply_rope
 from fnn.layers.attention import attention_weights as attention_weights
+from fnn.layers.attention import causal_mask as causal_mask
+from fnn.layers.attention import combine_masks as combine_masks
+from fnn.layers.attention import dot_product_attention as dot_product_attention
 from fnn.layers.attention import init_cache as init_cache
+from fnn.layers.attention import length_mask as length_mask
+from fnn.layers.attention import window_mask as window_mask
+from fnn.layers.attention import write_cache as write_cache
 from fnn.layers.conv import Conv as Conv
 from fnn.layers.conv import ConvTranspose as ConvTranspose
 from fnn.layers.dense import Dense as Dense
@@ -31,6 +35,7 @@ from fnn.layers.dropout import Dropout as Dropout
 from fnn.layers.embedding import Embedding as Embedding
 from fnn.layers.embedding import attend as attend
 from fnn.layers.embedding import tied as tied
+from fnn.layers.feedforward import FeedForward as FeedForward
 from fnn.layers.norm import BatchNorm as BatchNorm
 from fnn.layers.norm import GroupNorm as GroupNorm
 from fnn.layers.norm import LayerNorm as LayerNorm
@@ -39,75 +44,50 @@ from fnn.layers.pooling import AvgPool as AvgPool
 from fnn.layers.pooling import GlobalAvgPool as GlobalAvgPool
 from fnn.layers.pooling import GlobalMaxPool as GlobalMaxPool
 from fnn.layers.pooling import MaxPool as MaxPool
+from fnn.layers.position import LearnedPositionEmbedding as LearnedPositionEmbedding
+from fnn.layers.position import SinusoidalPositionEmbedding as SinusoidalPositionEmbedding
+from fnn.layers.position import alibi_bias as alibi_bias
+from fnn.layers.position import alibi_slopes as alibi_slopes
+from fnn.layers.position import apply_rope as apply_rope
+from fnn.layers.position import sinusoidal_table as sinusoidal_table
 from fnn.layers.recurrent import GRU as GRU
 from fnn.layers.recurrent import LSTM as LSTM
 from fnn.layers.recurrent import RNN as RNN
 from fnn.layers.recurrent import Bidirectional as Bidirectional
+from fnn.layers.recurrent import Cell as Cell
+from fnn.layers.recurrent import GRUCell as GRUCell
+from fnn.layers.recurrent import LSTMCarry as LSTMCarry
+from fnn.layers.recurrent import LSTMCell as LSTMCell
+from fnn.layers.recurrent import RNNCarry as RNNCarry
 from fnn.layers.recurrent import SimpleRNN as SimpleRNN
+from fnn.layers.recurrent import SimpleRNNCell as SimpleRNNCell
 from fnn.layers.reshape import Flatten as Flatten
-from fnn.layers.transformer import DecoderBlock as DecoderBlock
-from fnn.layers.transformer import DecoderInput as DecoderInput
-from fnn.layers.transformer import EncoderBlock as EncoderBlock
-from fnn.layers.transformer import FeedForward as FeedForward
-from fnn.layers.transformer import LearnedPositionEmbedding as LearnedPositionEmbedding
-from fnn.layers.transformer import SinusoidalPositionEmbedding as SinusoidalPositionEmbedding
-from fnn.layers.transformer import init_block_cache as init_block_cache
-from fnn.layers.transformer import sinusoidal_table as sinusoidal_table
 from fnn.layers.reshape import Reshape as Reshape
+from fnn.layers.transformer import DecoderBlock as DecoderBlock
+from fnn.layers.transformer import EncoderBlock as EncoderBlock
+from fnn.layers.transformer import init_block_cache as init_block_cache
 
 __all__ = [
-    "ACTIVATIONS",
-    "Celu",
-    "Elu",
-    "Gelu",
-    "HardTanh",
-    "Identity",
-    "Lambda",
-    "LeakyRelu",
-    "LogSoftmax",
-    "Mish",
-    "Relu",
-    "Relu6",
-    "Selu",
-    "Sigmoid",
-    "Silu",
-    "Softmax",
-    "Softplus",
-    "Tanh",
-    "activation",
-    "AttentionInput",
-    "MultiHeadAttention",
-    "apply_rope",
-    "attention_weights",
-    "init_cache",
-    "Conv",
-    "ConvTranspose",
-    "Dense",
-    "Dropout",
-    "Embedding",
-    "attend",
-    "tied",
-    "BatchNorm",
-    "GroupNorm",
-    "LayerNorm",
-    "RMSNorm",
-    "AvgPool",
-    "GlobalAvgPool",
-    "GlobalMaxPool",
-    "MaxPool",
-    "GRU",
-    "LSTM",
-    "RNN",
-    "Bidirectional",
-    "SimpleRNN",
-    "Flatten",
-    "DecoderBlock",
-    "DecoderInput",
-    "EncoderBlock",
-    "FeedForward",
-    "LearnedPositionEmbedding",
-    "SinusoidalPositionEmbedding",
-    "init_block_cache",
-    "sinusoidal_table",
-    "Reshape",
+    # activations
+    "ACTIVATIONS", "Celu", "Elu", "Gelu", "HardTanh", "Identity", "Lambda", "LeakyRelu",
+    "LogSoftmax", "Mish", "Relu", "Relu6", "Selu", "Sigmoid", "Silu", "Softmax", "Softplus",
+    "Tanh", "activation",
+    # attention and its pieces
+    "MultiHeadAttention", "attention_weights", "causal_mask", "combine_masks",
+    "dot_product_attention", "init_cache", "length_mask", "window_mask", "write_cache",
+    # convolution, dense, dropout, embedding, feed-forward
+    "Conv", "ConvTranspose", "Dense", "Dropout", "Embedding", "attend", "tied", "FeedForward",
+    # normalisation and pooling
+    "BatchNorm", "GroupNorm", "LayerNorm", "RMSNorm", "AvgPool", "GlobalAvgPool",
+    "GlobalMaxPool", "MaxPool",
+    # positional encodings
+    "LearnedPositionEmbedding", "SinusoidalPositionEmbedding", "alibi_bias", "alibi_slopes",
+    "apply_rope", "sinusoidal_table",
+    # recurrent
+    "GRU", "LSTM", "RNN", "SimpleRNN", "Bidirectional", "Cell", "GRUCell", "LSTMCell",
+    "SimpleRNNCell", "LSTMCarry", "RNNCarry",
+    # shape
+    "Flatten", "Reshape",
+    # transformer blocks
+    "DecoderBlock", "EncoderBlock", "init_block_cache",
 ]

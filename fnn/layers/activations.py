@@ -1,4 +1,7 @@
-"""Activation functions as parameter-free layers: ``serial(Dense(64), Relu(), Dense(10))``."""
+"""Activation functions as parameter-free layers: ``serial(Dense(64), Relu(), Dense(10))``.
+
+All are position-wise: a :class:`~fnn.core.Seq` passes through with its array replaced.
+"""
 
 from __future__ import annotations
 
@@ -7,12 +10,12 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 
-from fnn.core import Layer, check_rank, where
+from fnn.core import Layer, check_rank, per_position, where
 
 
 def Lambda(fn: Callable[[jax.Array], jax.Array], name: str = "Lambda") -> Layer:
     """A parameter-free layer that applies ``fn`` to its input: ``x -> fn(x)``, shapes as ``fn``
-    gives them."""
+    gives them. Given a ``Seq``, ``fn`` gets its array and the result keeps the side inputs."""
 
     def init(key, x):
         return {}, {}
@@ -20,7 +23,7 @@ def Lambda(fn: Callable[[jax.Array], jax.Array], name: str = "Lambda") -> Layer:
     def apply(params, state, x, *, key=None, train=False):
         return fn(x), state
 
-    return Layer(init, apply, name)
+    return per_position(Layer(init, apply, name))
 
 
 def _elementwise(name: str, fn: Callable[[jax.Array], jax.Array]) -> Layer:
@@ -119,11 +122,17 @@ def LogSoftmax(axis: int = -1) -> Layer:
     return _along_axis("LogSoftmax", jax.nn.log_softmax, axis)
 
 
-# Activation layers by name, for models and configs that take ``activation="gelu"``.
+def _gelu_tanh() -> Layer:
+    """``Gelu(approximate=True)``, the tanh approximation, elementwise. ``x: [...] -> [...]``."""
+    return Gelu(approximate=True)
+
+
+# Activation layers by name, for models and configs that take ``activation="gelu"``: "gelu" is
+# the exact (erf) GELU, "gelu_tanh" the tanh approximation (GPT-2, jax.nn.gelu's default).
 ACTIVATIONS: dict[str, Callable[[], Layer]] = {
     "identity": Identity, "relu": Relu, "relu6": Relu6, "leaky_relu": LeakyRelu, "elu": Elu,
-    "celu": Celu, "selu": Selu, "gelu": Gelu, "silu": Silu, "mish": Mish, "tanh": Tanh,
-    "hard_tanh": HardTanh, "sigmoid": Sigmoid, "softplus": Softplus,
+    "celu": Celu, "selu": Selu, "gelu": Gelu, "gelu_tanh": _gelu_tanh, "silu": Silu,
+    "mish": Mish, "tanh": Tanh, "hard_tanh": HardTanh, "sigmoid": Sigmoid, "softplus": Softplus,
 }
 
 

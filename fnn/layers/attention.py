@@ -1,137 +1,147 @@
 """Multi-head attention: self- and cross-attention, grouped-query (GQA) and multi-query (MQA)
-attention, rotary position embedding (RoPE), dropout on the attention weights, and incremental
-decoding with a key/value cache.
+attention, causal and sliding-window masks, additive biases (ALiBi, relative positions), rotary
+position embedding (RoPE), dropout on the attention weights, and incremental decoding with a
+key/value cache.
 
 Layout: sequences are ``[..., time, features]`` with any number of leading batch axes (none
-included); per-head tensors are ``[..., time, heads, head_dim]``, as
-``jax.nn.dot_product_attention`` takes them. Query head ``h`` reads key/value head
-``h // (num_heads // num_kv_heads)``: each key/value head serves a contiguous group of query
-heads, as ``repeat_interleave`` does in PyTorch and Hugging Face models.
+included); per-head tensors are ``[B, time, heads, head_dim]`` with the batch axes flattened
+into ``B``, as ``jax.nn.dot_product_attention`` takes them. Query head ``h`` reads key/value
+head ``h // (num_heads // num_kv_heads)``: each key/value head serves a contiguous group of
+query heads, as ``repeat_interleave`` does in PyTorch and Hugging Face models.
+
+The layer is a composition of the module's functions, each usable on its own: the masks
+(:func:`causal_mask`, :func:`window_mask`, :func:`length_mask`, :func:`combine_masks`), the
+cache write (:func:`write_cache`), the attention itself (:func:`dot_product_attention`, or
+``jax.nn.dot_product_attention``), and :func:`zero_empty_rows`.
 
 Masks follow one rule everywhere: ``True`` means *may attend*. A query row that may attend to no
-key at all (every key masked, ``kv_lengths == 0``, or a padded query row past ``q_lengths``)
-gets an attention result of exactly zero, so the layer outputs the output bias there (zero
-without ``use_bias``) and its gradients are zero and finite.
+key at all (every key masked, no memory, or a padded query row past ``lengths``) gets an
+attention result of exactly zero, so the layer outputs the output bias there and its gradients
+are zero and finite.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax import lax
 from jax.nn import initializers
 
-from fnn.core import (Layer, LayerError, ShapeError, align, check_positive, check_train,
-                      compute_dtype, describe, require_key, shape_error, where)
-
-Initializer = jax.nn.initializers.Initializer
+from fnn.core import (Initializer, Layer, LayerError, Seq, ShapeError, align, at_least_float32,
+                      check_positive, check_rate, check_train, compute_dtype, describe,
+                      expect_params, require_key, seq_lengths, shape_error, where)
+from fnn.layers.position import alibi_bias, apply_rope, seq_positions
 
 _NAME = "MultiHeadAttention"
 _IMPLEMENTATIONS = (None, "xla", "cudnn", "einsum")
+Window = tuple[int, int]
 
 
-class AttentionInput(NamedTuple):
-    """The input of :func:`MultiHeadAttention` for cross-attention, masks, lengths or positions.
+# ----------------------------------------------------------------------------- masks
+# Masks are bool, broadcastable to [B, heads, q_time, kv_time]; True = may attend.
 
-    A plain array ``x`` is the same as ``AttentionInput(q=x)``: self-attention without a mask.
+def causal_mask(q_time: int, kv_time: int, offset: int | jax.Array = 0) -> jax.Array:
+    """``bool[q_time, kv_time]``: query ``i`` (at position ``offset + i``) may attend to key
+    ``j`` when ``j <= offset + i`` (top-left aligned for ``offset=0``).
 
-    - ``q``: ``[..., q_time, q_features]``, the sequence that asks (queries).
-    - ``kv``: ``[..., kv_time, kv_features]``, the sequence attended to (keys and values); ``None``
-      for self-attention (``kv = q``). Its batch axes must equal ``q``'s.
-    - ``mask``: bool, broadcastable to ``[..., heads, q_time, kv_time]``; ``True`` = may attend.
-      In decode mode ``kv_time`` is the cache's ``max_length`` (slot ``j`` holds position ``j``).
-    - ``q_lengths``: int, broadcastable to ``[...]``; query rows at or past it are padding and
-      get a zero attention result.
-    - ``kv_lengths``: int, broadcastable to ``[...]``; keys at or past it are ignored.
-    - ``q_positions`` / ``kv_positions``: int, broadcastable to ``[..., q_time]`` /
-      ``[..., kv_time]``; the positions RoPE rotates by (only read with ``rope=True``). By
-      default ``0, 1, ...`` (in decode mode ``index, index + 1, ...``); in self-attention
-      ``kv_positions`` defaults to ``q_positions``.
+    >>> causal_mask(2, 3).tolist()
+    [[True, False, False], [True, True, False]]
     """
-
-    q: Any
-    kv: Any = None
-    mask: Any = None
-    q_lengths: Any = None
-    kv_lengths: Any = None
-    q_positions: Any = None
-    kv_positions: Any = None
+    rows = jnp.arange(q_time, dtype=jnp.int32)[:, None] + offset
+    return jnp.arange(kv_time, dtype=jnp.int32)[None, :] <= rows
 
 
-# ----------------------------------------------------------------------------- helpers
+def window_mask(q_time: int, kv_time: int, window: Window,
+                offset: int | jax.Array = 0) -> jax.Array:
+    """``bool[q_time, kv_time]``: query ``i`` (at position ``offset + i``) may attend to key
+    ``j`` when ``offset + i - left <= j <= offset + i + right``, ``window = (left, right)``.
 
-def _error(field: str, expected: str, value: Any) -> ShapeError:
-    """Like :func:`fnn.core.shape_error`, for a field of :class:`AttentionInput`."""
-    return ShapeError(f"{where(_NAME)}: expected {field} {expected}, got {describe(value)}")
-
-
-def _dims(shape: tuple[int, ...]) -> str:
-    return f"[{', '.join(map(str, shape))}]"
-
-
-def _batched(field: str, v: Any, lead: tuple[int, ...], tail: tuple[int, ...], expected: str,
-             kind: str, keep: tuple[int, ...] = ()) -> jax.Array:
-    """``v`` (broadcastable to ``lead + tail``) as ``[1 or prod(lead), *tail]``: the leading
-    batch axes are flattened, or kept at size 1 when ``v`` does not vary over them; the tail
-    axes numbered in ``keep`` stay at size 1 when they are 1. ``kind`` is ``"bool"`` or
-    ``"int"``."""
-    full = lead + tail
-    if not hasattr(v, "shape"):
-        v = jnp.asarray(v)
-    ok = v.ndim <= len(full)
-    ok = ok and all(a in (1, b) for a, b in zip((1,) * (len(full) - v.ndim) + v.shape, full))
-    if kind == "int":
-        ok = ok and jnp.issubdtype(v.dtype, jnp.integer)
-    else:
-        ok = ok and v.dtype == jnp.bool_
-    if not ok:
-        raise _error(field, expected, v)
-    v = align(v, len(full))
-    v_tail = v.shape[len(lead):]
-    target = tuple(1 if i in keep and v_tail[i] == 1 else size for i, size in enumerate(tail))
-    if all(dim == 1 for dim in v.shape[:len(lead)]):
-        return jnp.broadcast_to(v.reshape((1,) + v_tail), (1,) + target)
-    return jnp.broadcast_to(v, lead + target).reshape((math.prod(lead),) + target)
-
-
-def _at_least_f32(dtype: Any) -> Any:
-    """float32, or float64 for float64: logits, softmax and rotations never in half precision."""
-    return jnp.dtype(jnp.float64) if jnp.dtype(dtype) == jnp.float64 else jnp.dtype(jnp.float32)
-
-
-def apply_rope(x: jax.Array, positions: jax.Array, base: float = 10000.0) -> jax.Array:
-    """Rotary position embedding, rotate-half convention (GPT-NeoX, Hugging Face LLaMA).
-
-    ``x: [..., time, heads, head_dim]`` (``head_dim`` even), ``positions: int [..., time]``
-    (broadcastable) ``-> [..., time, heads, head_dim]``. The features are split into halves
-    ``x1, x2``; the pair ``(x1[i], x2[i])`` is rotated by the angle
-    ``positions * base ** (-2 i / head_dim)``. (The interleaved convention of the RoFormer paper
-    rotates the pairs ``(x[2i], x[2i + 1])`` instead; convert such weights by permuting the
-    query and key projection columns.) The rotation is computed in at least float32.
-
-    >>> import jax.numpy as jnp
-    >>> apply_rope(jnp.ones((3, 2, 4)), jnp.arange(3)).shape
-    (3, 2, 4)
+    >>> window_mask(3, 3, (1, 0)).tolist()
+    [[True, False, False], [True, True, False], [False, True, True]]
     """
-    head_dim = x.shape[-1]
-    if x.ndim < 3 or head_dim % 2:
-        raise ShapeError(f"apply_rope: expected input [..., time, heads, head_dim] with an even "
-                         f"head_dim, got {describe(x)}")
-    half = head_dim // 2
-    dt = _at_least_f32(x.dtype)
-    inv_freq = jnp.asarray(base ** (-np.arange(half, dtype=np.float64) * 2.0 / head_dim), dt)
-    positions = jnp.asarray(positions)
-    pos = align(positions, x.ndim - 2).astype(dt)[..., None]  # [..., time, 1]
-    angles = (pos * align(inv_freq, pos.ndim))[..., None, :]  # [..., time, 1, half]
-    cos, sin = align(jnp.cos(angles), x.ndim), align(jnp.sin(angles), x.ndim)
-    x1, x2 = x[..., :half].astype(dt), x[..., half:].astype(dt)
-    y = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
-    return y.astype(x.dtype)
+    left, right = window
+    rows = jnp.arange(q_time, dtype=jnp.int32)[:, None] + offset
+    cols = jnp.arange(kv_time, dtype=jnp.int32)[None, :]
+    return (cols >= rows - left) & (cols <= rows + right)
 
+
+def length_mask(lengths: jax.Array, size: int) -> jax.Array:
+    """``bool[B, size]``: the positions before each of ``lengths: int[B]``."""
+    return jnp.arange(size, dtype=jnp.int32)[None, :] < lengths[:, None]
+
+
+def combine_masks(*masks: jax.Array | None) -> jax.Array | None:
+    """The logical AND of the masks that are not ``None`` (broadcast), or ``None``."""
+    given = [m for m in masks if m is not None]
+    if not given:
+        return None
+    ndim = max(m.ndim for m in given)
+    out = align(given[0], ndim)
+    for m in given[1:]:
+        out = out & align(m, ndim)
+    return out
+
+
+# ----------------------------------------------------------------------------- the computation
+
+def _grouped(mask_or_bias: jax.Array, kv_heads: int, heads: int) -> jax.Array:
+    """``[1|B, 1|N, T, S] -> [1|B, 1|K, 1|N // K, T, S]`` (leading axes may be missing), the
+    grouped-query layout."""
+    mask_or_bias = align(mask_or_bias, 4)
+    b, n = mask_or_bias.shape[:2]
+    if n == heads:
+        return mask_or_bias.reshape((b, kv_heads, heads // kv_heads) + mask_or_bias.shape[2:])
+    return mask_or_bias[:, :, None]
+
+
+def attention_probs(q: jax.Array, k: jax.Array, mask: jax.Array | None = None,
+                    bias: jax.Array | None = None) -> jax.Array:
+    """``softmax(q k^T / sqrt(d) + bias)`` over the key positions, masked, in at least float32:
+    ``q: [B, T, N, D]``, ``k: [B, S, K, D]``, ``mask: bool`` and ``bias`` broadcastable as
+    ``[1|B, 1|N, T, S]`` ``-> [B, K, N // K, T, S]``; query head ``h`` is
+    ``[:, h // (N // K), h % (N // K)]``. Masked logits get ``-0.7 * float32 max`` (finite), so
+    a row that may attend to nothing is uniform."""
+    b, t, n, d = q.shape
+    kv_heads = k.shape[2]
+    logits_dt = at_least_float32(q.dtype)
+    qg = q.reshape(b, t, kv_heads, n // kv_heads, d)
+    logits = jnp.einsum("btkgd,bskd->bkgts", qg, k, preferred_element_type=logits_dt)
+    logits = logits * jnp.asarray(1.0 / math.sqrt(d), logits_dt)
+    if bias is not None:
+        logits = logits + _grouped(bias.astype(logits_dt), kv_heads, n)
+    if mask is not None:
+        big_negative = jnp.asarray(-0.7 * jnp.finfo(jnp.float32).max, logits_dt)
+        logits = jnp.where(_grouped(mask, kv_heads, n), logits, big_negative)
+    return jax.nn.softmax(logits, axis=-1)
+
+
+def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
+                          mask: jax.Array | None = None, bias: jax.Array | None = None,
+                          dropout: float = 0.0, key: jax.Array | None = None) -> jax.Array:
+    """``softmax(q k^T / sqrt(d) + bias, masked) v`` with einsums: ``q: [B, T, N, D]``,
+    ``k, v: [B, S, K, D]``, ``mask``/``bias`` as in :func:`attention_probs` ``-> [B, T, N, D]``.
+    With ``key``, each attention weight is dropped with probability ``dropout`` and the kept
+    ones are scaled by ``1 / (1 - dropout)``."""
+    weights = attention_probs(q, k, mask, bias)
+    if key is not None and dropout > 0.0:
+        keep = jax.random.bernoulli(key, 1.0 - dropout, weights.shape)
+        weights = jnp.where(keep, weights / jnp.asarray(1.0 - dropout, weights.dtype),
+                            jnp.zeros((), weights.dtype))
+    out = jnp.einsum("bkgts,bskd->btkgd", weights.astype(v.dtype), v)
+    return out.reshape(q.shape)
+
+
+def zero_empty_rows(out: jax.Array, valid_rows: jax.Array | None) -> jax.Array:
+    """``out: [B, T, N, D]`` with the query rows that may attend to nothing set to zero;
+    ``valid_rows``: bool broadcastable to ``[B, T, N, 1]``, or ``None`` (all valid)."""
+    return out if valid_rows is None else jnp.where(valid_rows, out, jnp.zeros((), out.dtype))
+
+
+# ----------------------------------------------------------------------------- decode cache
 
 def init_cache(params: dict[str, Any], batch_shape: int | tuple[int, ...], max_length: int,
                dtype: Any = jnp.float32) -> dict[str, jax.Array]:
@@ -155,6 +165,158 @@ def init_cache(params: dict[str, Any], batch_shape: int | tuple[int, ...], max_l
             "index": jnp.zeros((), jnp.int32)}
 
 
+def write_cache(cache: dict[str, jax.Array], k: jax.Array, v: jax.Array
+                ) -> tuple[dict[str, jax.Array], jax.Array, jax.Array]:
+    """Writes the new keys and values ``k, v: [B, new, K, D]`` at ``cache["index"]``; returns
+    the updated cache (``index + new``) and every slot's keys and values ``[B, max_length, K,
+    D]`` in ``k``'s dtype (slot ``j`` holds position ``j``)."""
+    shape = (k.shape[0],) + cache["k"].shape[-3:]
+    start = (0, cache["index"], 0, 0)
+    k_all = lax.dynamic_update_slice(cache["k"].reshape(shape), k.astype(cache["k"].dtype), start)
+    v_all = lax.dynamic_update_slice(cache["v"].reshape(shape), v.astype(cache["v"].dtype), start)
+    new = {"k": k_all.reshape(cache["k"].shape), "v": v_all.reshape(cache["v"].shape),
+           "index": cache["index"] + k.shape[1]}
+    return new, k_all.astype(k.dtype), v_all.astype(v.dtype)
+
+
+# ----------------------------------------------------------------------------- reading the input
+
+class _Call(NamedTuple):
+    """One call's arrays with the batch axes flattened into ``B``."""
+
+    lead: tuple[int, ...]  # the batch axes of the input
+    q: jax.Array  # [B, T, features]
+    kv: jax.Array  # [B, S, kv_features]: the input itself, or the memory
+    mask: jax.Array | None  # bool [1|B, 1|N, T, S]
+    bias: jax.Array | None  # float [1|B, 1|N, T, S]
+    q_lengths: jax.Array | None  # int32 [B]
+    kv_lengths: jax.Array | None  # int32 [B]
+    positions: jax.Array | None  # int [1|B, T]
+
+
+def _side_error(field: str, expected: str, value: Any) -> ShapeError:
+    return ShapeError(f"{where(_NAME)}: expected {field} {expected}, got {describe(value)}")
+
+
+def _dims(shape: tuple) -> str:
+    return f"[{', '.join(map(str, shape))}]"
+
+
+def _flat_batch(field: str, v: Any, lead: tuple[int, ...], tail: tuple[int, ...],
+                kind: str) -> jax.Array:
+    """A side input ``v`` broadcastable to ``lead + tail`` as ``[1 or prod(lead), *tail']``,
+    where the leading batch axes are flattened (or kept at size 1 when ``v`` does not vary over
+    them) and the first tail axis (heads) stays 1 when it is. ``kind``: "bool" or "float"."""
+    full = lead + tail
+    ok = hasattr(v, "shape") and v.ndim <= len(full) and all(
+        a in (1, b) for a, b in zip((1,) * (len(full) - v.ndim) + v.shape, full))
+    ok = ok and (v.dtype == jnp.bool_ if kind == "bool" else jnp.issubdtype(v.dtype, jnp.floating))
+    if not ok:
+        raise _side_error(field, f"{kind} broadcastable to [..., heads, q_time, kv_time] = "
+                                 f"{_dims(full)}", v)
+    v = align(v, len(full))
+    v_tail = v.shape[len(lead):]
+    target = (v_tail[0] if v_tail[0] == 1 else tail[0],) + tail[1:]
+    if all(dim == 1 for dim in v.shape[:len(lead)]):
+        return jnp.broadcast_to(v.reshape((1,) + v_tail), (1,) + target)
+    return jnp.broadcast_to(v, lead + target).reshape((math.prod(lead),) + target)
+
+
+def _memory_lengths(x: Seq, lead: tuple[int, ...]) -> jax.Array | None:
+    if x.memory_lengths is None:
+        return None
+    lengths = x.memory_lengths
+    if (not hasattr(lengths, "shape") or tuple(lengths.shape) != lead
+            or not jnp.issubdtype(lengths.dtype, jnp.integer)):
+        raise _side_error("memory_lengths", f"int{_dims(lead)} (the batch axes of x)", lengths)
+    return jnp.asarray(lengths).astype(jnp.int32)
+
+
+def _inputs(x: Any, cfg: Any) -> tuple[Seq, Any, Any]:
+    """Checks the input (an array or a ``Seq``, or their specs); returns it as a ``Seq``, the
+    queries' input ``[..., T, features]`` and the keys' ``[..., S, kv_features]``."""
+    seq = x if isinstance(x, Seq) else Seq(x)
+    q = seq.x
+    if not hasattr(q, "ndim") or q.ndim < 2:
+        raise shape_error(_NAME, "[..., time, features]", x)
+    if not cfg.cross:
+        return seq, q, q
+    kv = seq.memory
+    if kv is None:
+        raise LayerError(f"{where(_NAME)}: a cross-attention layer attends to a memory: call it "
+                         f"on Seq(x, memory=...), got {describe(x)}")
+    if not hasattr(kv, "ndim") or kv.ndim != q.ndim or kv.shape[:-2] != q.shape[:-2]:
+        raise _side_error("memory", f"{_dims(q.shape[:-2] + ('memory_time', 'memory_features'))}"
+                                    f" (the batch axes of x {describe(q)})", kv)
+    return seq, q, kv
+
+
+def _read(x: Any, cfg: Any, decode_length: int | None = None) -> _Call:
+    """The input with its batch axes flattened and its side inputs checked; in decode mode
+    masks and biases cover the cache's ``decode_length`` slots."""
+    seq, q, kv = _inputs(x, cfg)
+    lead, t = q.shape[:-2], q.shape[-2]
+    b = math.prod(lead)
+    s = kv.shape[-2] if decode_length is None else decode_length
+    mask, bias = (seq.memory_mask, None) if cfg.cross else (seq.mask, seq.bias)
+    q_lengths = seq_lengths(_NAME, seq)
+    kv_lengths = _memory_lengths(seq, lead) if cfg.cross else q_lengths
+    positions = None if cfg.cross else seq_positions(_NAME, seq)
+    heads = cfg.num_heads
+    return _Call(
+        lead, q.reshape((b, t, q.shape[-1])), kv.reshape((b, kv.shape[-2], kv.shape[-1])),
+        None if mask is None else _flat_batch("mask", mask, lead, (heads, t, s), "bool"),
+        None if bias is None else _flat_batch("bias", bias, lead, (heads, t, s), "float"),
+        None if q_lengths is None else q_lengths.reshape(b),
+        None if kv_lengths is None else kv_lengths.reshape(b),
+        None if positions is None else _flat_batch_positions(positions, lead, t))
+
+
+def _flat_batch_positions(positions: jax.Array, lead: tuple[int, ...], t: int) -> jax.Array:
+    """Positions broadcastable to ``lead + (t,)`` as ``[1 or B, t]``."""
+    p = align(positions, len(lead) + 1)
+    if all(dim == 1 for dim in p.shape[:-1]):
+        return jnp.broadcast_to(p.reshape(1, p.shape[-1]), (1, t))
+    return jnp.broadcast_to(p, lead + (t,)).reshape(math.prod(lead), t)
+
+
+# ----------------------------------------------------------------------------- the layer
+
+class _Settings(NamedTuple):
+    """A :func:`MultiHeadAttention`'s hyper-parameters, checked."""
+
+    num_heads: int
+    kv_heads: int
+    head_dim: int | None
+    out_features: int | None
+    use_bias: bool
+    cross: bool
+    causal: bool
+    window: Window | None
+    rope: bool
+    rope_base: float
+    alibi: bool
+    dropout: float
+    implementation: str | None
+    w_init: Initializer
+    b_init: Initializer
+    param_dtype: Any
+    dtype: Any
+
+    def shapes(self, features, kv_features, head_dim, out) -> dict[str, tuple]:
+        """Each projection's ``w`` shape and ``b`` shape (sizes, or names of sizes)."""
+        n, k = self.num_heads, self.kv_heads
+        return {"query": ((features, n, head_dim), (n, head_dim)),
+                "key": ((kv_features, k, head_dim), (k, head_dim)),
+                "value": ((kv_features, k, head_dim), (k, head_dim)),
+                "out": ((n, head_dim, out), (out,))}
+
+    def structure(self, t: int, s: int, offset: int | jax.Array = 0) -> jax.Array | None:
+        """``bool[T, S]``: the causal and window rules for queries at ``offset, ...``."""
+        return combine_masks(causal_mask(t, s, offset) if self.causal else None,
+                             window_mask(t, s, self.window, offset) if self.window else None)
+
+
 def _project(p: dict[str, Any], x: jax.Array, dt: Any) -> jax.Array:
     """A query/key/value projection ``x: [..., time, features] -> [..., time, heads, head_dim]``
     in ``dt``."""
@@ -164,93 +326,223 @@ def _project(p: dict[str, Any], x: jax.Array, dt: Any) -> jax.Array:
     return y
 
 
-def _attention_probs(q, k, mask):
-    """``softmax(q k^T / sqrt(d))`` over the key positions, masked, in at least float32:
-    ``q: [B, T, N, D]``, ``k: [B, S, K, D]``, ``mask: bool [1 or B, 1 or N, T, S]`` or ``None``
-    ``-> [B, K, N // K, T, S]``; query head ``h`` is ``[:, h // (N // K), h % (N // K)]`` and
-    uses key head ``h // (N // K)``. A row that may attend to nothing is uniform."""
-    b, t, n, d = q.shape
-    kv_heads = k.shape[2]
-    g = n // kv_heads
-    logits_dt = _at_least_f32(q.dtype)
-    qg = q.reshape(b, t, kv_heads, g, d)
-    logits = jnp.einsum("btkgd,bskd->bkgts", qg, k, preferred_element_type=logits_dt)
-    logits = logits * jnp.asarray(1.0 / math.sqrt(d), logits_dt)
-    if mask is not None:
-        mb, mn = mask.shape[:2]
-        mask = mask.reshape((mb, kv_heads, g) + mask.shape[2:]) if mn == n else mask[:, :, None]
-        # finite: a fully masked row stays finite (uniform)
-        big_negative = jnp.asarray(-0.7 * jnp.finfo(jnp.float32).max, logits_dt)
-        logits = jnp.where(mask, logits, big_negative)
-    return jax.nn.softmax(logits, axis=-1)
+def _init(cfg: _Settings, key: jax.Array, x: Any) -> tuple[dict, dict]:
+    _, q, kv = _inputs(x, cfg)
+    features = q.shape[-1]
+    if cfg.head_dim is None and features % cfg.num_heads:
+        raise shape_error(_NAME, f"[..., time, features] with features divisible by "
+                                 f"num_heads={cfg.num_heads} (or pass head_dim)", x)
+    d = features // cfg.num_heads if cfg.head_dim is None else cfg.head_dim
+    if cfg.rope and d % 2:
+        raise shape_error(_NAME, f"[..., time, features] giving an even head_dim = features // "
+                                 f"num_heads for rope=True (or pass head_dim), head_dim would be "
+                                 f"{d}", x)
+    out = features if cfg.out_features is None else cfg.out_features
+    params = {}
+    keys = jax.random.split(key, 8)
+    for i, (name, (w_shape, b_shape)) in enumerate(
+            cfg.shapes(features, kv.shape[-1], d, out).items()):
+        fan_in = w_shape[0] if name != "out" else cfg.num_heads * d
+        w = cfg.w_init(keys[2 * i], (fan_in, math.prod(w_shape) // fan_in), cfg.param_dtype)
+        params[name] = {"w": w.reshape(w_shape)}
+        if cfg.use_bias:
+            params[name]["b"] = cfg.b_init(keys[2 * i + 1], b_shape, cfg.param_dtype)
+    return params, {}
 
 
-def _explicit_attention(q, k, v, mask, rate, key):
-    """``softmax(q k^T / sqrt(d) masked) v`` with einsums. ``q: [B, T, N, D]``,
-    ``k, v: [B, S, K, D]``, ``mask: bool [1 or B, 1 or N, T, S]`` or ``None``; dropout with
-    ``rate`` on the attention weights when ``key`` is given."""
-    weights = _attention_probs(q, k, mask)
-    if key is not None:
-        keep = jax.random.bernoulli(key, 1.0 - rate, weights.shape)
-        weights = jnp.where(keep, weights / jnp.asarray(1.0 - rate, weights.dtype),
-                            jnp.zeros((), weights.dtype))
-    out = jnp.einsum("bkgts,bskd->btkgd", weights.astype(v.dtype), v)
-    return out.reshape(q.shape)
+def _check_call(cfg: _Settings, params: dict, call: _Call) -> None:
+    """The params against the settings, then the input against the params."""
+    shapes = cfg.shapes("features", "kv_features", cfg.head_dim or "head_dim",
+                        cfg.out_features or "out_features")
+    expect_params(_NAME, params, {name: {"w": w} | ({"b": b} if cfg.use_bias else {})
+                                 for name, (w, b) in shapes.items()})
+    features, kv_features = params["query"]["w"].shape[0], params["key"]["w"].shape[0]
+    if call.q.shape[-1] != features:
+        raise shape_error(_NAME, f"[..., time, {features}]", call.q)
+    if call.kv.shape[-1] != kv_features:
+        raise _side_error("memory", f"[..., memory_time, {kv_features}]", call.kv)
 
 
-# ----------------------------------------------------------------------------- the layer
+def _apply(cfg: _Settings, params, state, x, *, key=None, train=False):
+    check_train(train)
+    cache = state.get("cache") if isinstance(state, dict) else None
+    if cache is not None and cfg.cross:
+        raise LayerError(f"{where(_NAME)}: decode mode (a cache in the state) is self-attention "
+                         f"only; a cross=True layer reads its keys from the memory at every step")
+    call = _read(x, cfg, decode_length=None if cache is None else cache["k"].shape[-3])
+    _check_call(cfg, params, call)
+    dt = compute_dtype(cfg.dtype, call.q, cfg.param_dtype)
+    q = _project(params["query"], call.q.astype(dt), dt)  # [B, T, N, D]
+    k = _project(params["key"], call.kv.astype(dt), dt)  # [B, S, K, D]
+    v = _project(params["value"], call.kv.astype(dt), dt)
+    t = q.shape[1]
+    offset = jnp.zeros((), jnp.int32) if cache is None else _check_cache(cache, call)
+    positions = offset + jnp.arange(t, dtype=jnp.int32) if call.positions is None \
+        else call.positions  # [T] or [1|B, T]
+    if cfg.rope:
+        q, k = apply_rope(q, positions, cfg.rope_base), apply_rope(k, positions, cfg.rope_base)
+    new_state = state
+    if cache is not None:
+        new_cache, k, v = write_cache(cache, k, v)  # every slot: [B, max_length, K, D]
+        new_state = {**state, "cache": new_cache}
+    bias = call.bias
+    if cfg.alibi:
+        kv_positions = positions if cache is None else jnp.arange(k.shape[1], dtype=jnp.int32)
+        slopes = alibi_bias(cfg.num_heads, positions, kv_positions, at_least_float32(dt))
+        bias = align(slopes, 4) if bias is None else bias.astype(slopes.dtype) + align(slopes, 4)
+    out = _attention(cfg, q, k, v, call, bias, None if cache is None else offset, key, train)
+    y = jnp.einsum("bthd,hdo->bto", out, params["out"]["w"].astype(dt))
+    if "b" in params["out"]:
+        y = y + align(params["out"]["b"].astype(dt), y.ndim)
+    y = y.reshape(call.lead + (t, y.shape[-1]))
+    return (x.with_x(y) if isinstance(x, Seq) else y), new_state
+
+
+def _attention(cfg: _Settings, q, k, v, call: _Call, bias, offset, key, train) -> jax.Array:
+    """The attention of ``q: [B, T, N, D]`` over ``k, v: [B, S, K, D]`` under every mask, with
+    the rows that may attend to nothing zeroed. ``offset``: the cache index in decode mode,
+    else ``None``."""
+    t, s = q.shape[1], k.shape[1]
+    # [T, S]: the causal and window rules, and in decode mode the slots written so far
+    rules = cfg.structure(t, s) if offset is None else combine_masks(
+        jnp.arange(s, dtype=jnp.int32)[None, :] < offset + t, cfg.structure(t, s, offset))
+    kv_valid = None if call.kv_lengths is None else length_mask(call.kv_lengths, s)[:, None, None]
+    if cfg.implementation == "einsum" or (train and cfg.dropout > 0.0):
+        q_valid = None if call.q_lengths is None else \
+            length_mask(call.q_lengths, t)[:, None, :, None]
+        drop_key = require_key(_NAME, key) if train and cfg.dropout > 0.0 else None
+        out = dot_product_attention(q, k, v, mask=combine_masks(call.mask, rules, q_valid,
+                                                                kv_valid),
+                                    bias=bias, dropout=cfg.dropout, key=drop_key)
+    else:
+        fused = offset is None  # the fused call knows causal and window masks from position 0
+        # jax promotes bfloat16 logits to float32 implicitly inside; allow that there only
+        with jax.numpy_dtype_promotion("standard"):
+            out = jax.nn.dot_product_attention(
+                q, k, v, bias=bias, mask=call.mask if fused else combine_masks(call.mask, rules),
+                is_causal=cfg.causal and fused, local_window_size=cfg.window if fused else None,
+                query_seq_lengths=call.q_lengths, key_value_seq_lengths=call.kv_lengths,
+                implementation=cfg.implementation)
+    # rows that may attend to some key, broadcastable to [B, T, N, 1]; a row of self-attention
+    # sees itself under the causal and window rules, so only a mask or no memory empties it
+    valid = None
+    if call.mask is not None:
+        allowed = combine_masks(call.mask, rules, kv_valid)
+        valid = jnp.transpose(jnp.any(allowed, axis=-1), (0, 2, 1))[..., None]
+    elif call.kv_lengths is not None:
+        valid = (call.kv_lengths > 0)[:, None, None, None]
+    if call.q_lengths is not None:
+        q_rows = length_mask(call.q_lengths, t)[..., None, None]
+        valid = q_rows if valid is None else valid & q_rows
+    return zero_empty_rows(out, valid)
+
+
+def _check_cache(cache: dict[str, Any], call: _Call) -> jax.Array:
+    """Checks that the new tokens fit the cache; returns its index (the tokens' offset)."""
+    cache_lead, max_length = cache["k"].shape[:-3], cache["k"].shape[-3]
+    t = call.q.shape[1]
+    if call.lead != cache_lead or t > max_length:
+        raise shape_error(_NAME, f"{_dims(cache_lead + ('new', 'features'))} with new <= "
+                                 f"{max_length} (the cache's batch shape and length)",
+                          call.q.reshape(call.lead + call.q.shape[1:]))
+    if call.q_lengths is not None:
+        raise LayerError(f"{where(_NAME)}: decode mode (a cache in the state) takes no lengths: "
+                         f"the cache's index says how many positions are valid")
+    return jnp.asarray(cache["index"], jnp.int32)
+
+
+def _settings(num_heads, num_kv_heads, head_dim, out_features, use_bias, cross, causal, window,
+              rope, rope_base, alibi, dropout, implementation, w_init, b_init, param_dtype,
+              dtype) -> _Settings:
+    """Validates the factory's arguments."""
+    kv_heads = num_heads if num_kv_heads is None else num_kv_heads
+    check_positive(_NAME, num_heads=num_heads, num_kv_heads=kv_heads)
+    for arg, value in (("head_dim", head_dim), ("out_features", out_features)):
+        if value is not None:
+            check_positive(_NAME, **{arg: value})
+    if num_heads % kv_heads:
+        raise ValueError(f"{_NAME}: num_heads must be a multiple of num_kv_heads (each key/value "
+                         f"head serves num_heads // num_kv_heads query heads), got num_heads="
+                         f"{num_heads}, num_kv_heads={kv_heads}")
+    if rope and head_dim is not None and head_dim % 2:
+        raise ValueError(f"{_NAME}: rope needs an even head_dim, got head_dim={head_dim}")
+    check_rate(_NAME, "dropout", dropout)
+    if implementation not in _IMPLEMENTATIONS:
+        raise ValueError(f"{_NAME}: implementation must be one of {_IMPLEMENTATIONS}, got "
+                         f"{implementation!r}")
+    if cross and (causal or window is not None or rope or alibi):
+        raise ValueError(f"{_NAME}: causal, window, rope and alibi order the positions of one "
+                         f"sequence and apply to self-attention only, not to cross=True")
+    pair = None
+    if window is not None:
+        pair = (window, window) if isinstance(window, int) else tuple(window)
+        if len(pair) != 2 or not all(isinstance(w, int) and not isinstance(w, bool) and w >= 0
+                                     for w in pair):
+            raise ValueError(f"{_NAME}: window must be an int >= 0 or a (left, right) pair of "
+                             f"them, got {window!r}")
+    return _Settings(num_heads, kv_heads, head_dim, out_features, use_bias, cross, causal, pair,
+                     rope, rope_base, alibi, dropout, implementation, w_init, b_init,
+                     param_dtype, dtype)
+
 
 def MultiHeadAttention(num_heads: int, *, num_kv_heads: int | None = None,
                        head_dim: int | None = None, out_features: int | None = None,
-                       use_bias: bool = False, causal: bool = False, rope: bool = False,
-                       rope_base: float = 10000.0, dropout: float = 0.0,
+                       use_bias: bool = True, cross: bool = False, causal: bool = False,
+                       window: int | Window | None = None, rope: bool = False,
+                       rope_base: float = 10000.0, alibi: bool = False, dropout: float = 0.0,
                        implementation: str | None = None,
                        w_init: Initializer = initializers.lecun_normal(),
                        b_init: Initializer = initializers.zeros,
                        param_dtype: Any = jnp.float32, dtype: Any = None) -> Layer:
-    """Multi-head scaled dot-product attention, ``softmax(q k^T / sqrt(head_dim)) v``.
+    """Multi-head scaled dot-product attention, ``softmax(q k^T / sqrt(head_dim) + bias) v``.
 
-    Shapes: ``x: [..., time, features] -> [..., time, out_features]`` (self-attention), or
-    ``AttentionInput(q=[..., q_time, q_features], kv=[..., kv_time, kv_features], mask=...)
-    -> [..., q_time, out_features]`` (cross-attention, masks, lengths; see
-    :class:`AttentionInput`). ``out_features`` defaults to ``q_features``; ``head_dim`` to
-    ``q_features // num_heads``.
+    Shapes: ``x: [..., time, features] -> [..., time, out_features]``, or a ``Seq`` of it
+    (returned as a ``Seq``): self-attention reads its ``mask``, ``bias``, ``lengths`` (padded
+    keys ignored, padded rows zero) and ``positions`` (RoPE, ALiBi); with ``cross=True`` the
+    layer attends from ``x`` to the ``Seq``'s ``memory: [..., memory_time, memory_features]``
+    with ``memory_mask`` and ``memory_lengths``. ``out_features`` defaults to ``features``;
+    ``head_dim`` to ``features // num_heads``.
 
     Params, one entry per projection (``N = num_heads``, ``K = num_kv_heads``,
     ``D = head_dim``)::
 
-        {"query": {"w": [q_features, N, D]}, "key": {"w": [kv_features, K, D]},
-         "value": {"w": [kv_features, K, D]}, "out": {"w": [N, D, out_features]}}
+        {"query": {"w": [features, N, D], "b": [N, D]}, "key": {"w": [kv_features, K, D],
+         "b": [K, D]}, "value": same as key, "out": {"w": [N, D, out_features],
+         "b": [out_features]}}
 
-    With ``use_bias`` each also has ``"b"`` (``[N, D]``, ``[K, D]``, ``[K, D]``,
-    ``[out_features]``). ``w_init`` is called with the 2-D shape ``[in, out]`` (``[q_features,
-    N * D]``, ..., ``[N * D, out_features]``), so fan-in initialisers see the true fan-in; the
-    result is reshaped.
+    (no ``"b"`` without ``use_bias``; ``kv_features`` is the memory's with ``cross=True``).
+    ``w_init`` is called with the 2-D shape ``[in, out]`` (``[features, N * D]``, ...,
+    ``[N * D, out_features]``), so fan-in initialisers see the true fan-in.
 
     - ``num_kv_heads``: fewer key/value heads than query heads is grouped-query attention
       (``num_heads % num_kv_heads == 0``); ``1`` is multi-query attention.
-    - ``causal``: query ``i`` sees keys ``j <= i`` (top-left aligned when ``q_time != kv_time``,
-      as in PyTorch and ``jax.nn.dot_product_attention``; in decode mode ``j <= index + i``).
+    - ``causal``: query ``i`` sees keys ``j <= i`` (in decode mode ``j <= index + i``).
+    - ``window``: a sliding window ``(left, right)`` (an int ``w`` is ``(w, w)``): query ``i``
+      sees keys ``i - left <= j <= i + right``; with ``causal`` that is the ``left`` previous
+      keys and itself. ``jax.nn.dot_product_attention``'s ``local_window_size``.
     - ``rope``: rotary position embedding on queries and keys (rotate-half convention, see
-      :func:`apply_rope`); positions from :class:`AttentionInput` or ``0, 1, ...``.
+      :func:`~fnn.layers.position.apply_rope`); ``alibi``: ALiBi's linear biases
+      (:func:`~fnn.layers.position.alibi_bias`), added to the ``Seq``'s ``bias`` if any. Both
+      use the ``Seq``'s positions, by default ``0, 1, ...`` (``index, ...`` when decoding).
     - ``dropout``: drop probability of each attention weight when ``train=True`` (needs
-      ``key=``); the kept weights are scaled by ``1 / (1 - dropout)``.
+      ``key=``). Training with dropout always runs fnn's einsum formulation, since the fused
+      ``jax.nn.dot_product_attention`` has no dropout; ``implementation`` then applies to
+      evaluation only.
     - ``implementation``: passed to ``jax.nn.dot_product_attention``: ``None`` (XLA today),
       ``"xla"``, or ``"cudnn"`` (the fused cuDNN kernel on NVIDIA GPUs: float16/bfloat16,
-      ``head_dim`` a multiple of 8); ``"einsum"`` uses fnn's explicit formulation. Dropout
-      in training always takes the explicit formulation (the fused call has no dropout).
+      ``head_dim`` a multiple of 8); ``"einsum"`` uses :func:`dot_product_attention`.
     - Logits and softmax are computed in at least float32, whatever the compute dtype
       (``dtype``, default: the input's). Masked logits get ``-0.7 * float32 max`` (finite).
 
-    Decode mode (incremental decoding): when ``state`` holds ``{"cache": init_cache(...)}``,
-    ``apply`` writes the keys and values of the new tokens ``x: [*batch_shape, new,
-    features]`` at ``cache["index"]``, attends to every position written so far (causally
-    within the new tokens if ``causal``), rotates by positions ``index, index + 1, ...``, and
-    returns the state with the updated cache (``index + new``). Decode mode is self-attention
-    only. Without a cache the state is ``{}``.
+    Decode mode (incremental decoding, self-attention only): when ``state`` holds ``{"cache":
+    init_cache(...)}``, ``apply`` writes the keys and values of the new tokens ``x:
+    [*batch_shape, new, features]`` at ``cache["index"]`` (:func:`write_cache`), attends to
+    every position written so far (causally and within the window, if set), and returns the
+    state with the updated cache. A ``Seq``'s ``mask`` and ``bias`` then have the cache's
+    ``max_length`` as their last axis. Without a cache the state is ``{}``.
 
     >>> import jax, jax.numpy as jnp
-    >>> layer = MultiHeadAttention(4, num_kv_heads=2, causal=True, rope=True)
+    >>> layer = MultiHeadAttention(4, num_kv_heads=2, causal=True, rope=True, use_bias=False)
     >>> params, state = layer.init(jax.random.key(0), jnp.zeros((2, 5, 16)))
     >>> jax.tree.map(jnp.shape, params)  # doctest: +NORMALIZE_WHITESPACE
     {'key': {'w': (16, 2, 4)}, 'out': {'w': (4, 4, 16)}, 'query': {'w': (16, 4, 4)},
@@ -259,202 +551,10 @@ def MultiHeadAttention(num_heads: int, *, num_kv_heads: int | None = None,
     >>> y.shape
     (2, 5, 16)
     """
-    kv_heads = num_heads if num_kv_heads is None else num_kv_heads
-    check_positive(_NAME, num_heads=num_heads, num_kv_heads=kv_heads)
-    if head_dim is not None:
-        check_positive(_NAME, head_dim=head_dim)
-    if out_features is not None:
-        check_positive(_NAME, out_features=out_features)
-    if num_heads % kv_heads:
-        raise ValueError(f"{_NAME}: num_heads must be a multiple of num_kv_heads (each key/value "
-                         f"head serves num_heads // num_kv_heads query heads), got num_heads="
-                         f"{num_heads}, num_kv_heads={kv_heads}")
-    if rope and head_dim is not None and head_dim % 2:
-        raise ValueError(f"{_NAME}: rope needs an even head_dim, got head_dim={head_dim}")
-    if (not isinstance(dropout, (int, float)) or isinstance(dropout, bool)
-            or not 0.0 <= dropout < 1.0):
-        raise ValueError(f"{_NAME}: dropout is the drop probability of an attention weight and "
-                         f"must be in [0, 1), got {dropout!r}")
-    if implementation not in _IMPLEMENTATIONS:
-        raise ValueError(f"{_NAME}: implementation must be one of {_IMPLEMENTATIONS}, got "
-                         f"{implementation!r}")
-
-    def split(x) -> tuple[Any, Any, AttentionInput]:
-        inp = x if isinstance(x, AttentionInput) else AttentionInput(q=x)
-        q = inp.q
-        if not hasattr(q, "ndim") or q.ndim < 2:
-            raise shape_error(_NAME, "[..., time, features]", q)
-        kv = q if inp.kv is None else inp.kv
-        if inp.kv is not None:
-            if not hasattr(kv, "ndim") or kv.ndim != q.ndim or kv.shape[:-2] != q.shape[:-2]:
-                raise _error("kv", f"{_dims(q.shape[:-2] + ('kv_time', 'kv_features'))} "
-                             f"(the batch axes of q {describe(q)})", kv)
-        return q, kv, inp
-
-    def init(key, x):
-        q, kv, _ = split(x)
-        features, kv_features = q.shape[-1], kv.shape[-1]
-        if head_dim is None and features % num_heads:
-            raise shape_error(_NAME, f"[..., time, features] with features divisible by "
-                                     f"num_heads={num_heads} (or pass head_dim)", q)
-        d = features // num_heads if head_dim is None else head_dim
-        if rope and d % 2:
-            raise shape_error(_NAME, f"[..., time, features] giving an even head_dim = "
-                                     f"features // num_heads for rope=True (or pass head_dim), "
-                                     f"head_dim would be {d}", q)
-        out = features if out_features is None else out_features
-        keys = jax.random.split(key, 8)
-        shapes = {"query": (features, num_heads, d), "key": (kv_features, kv_heads, d),
-                  "value": (kv_features, kv_heads, d), "out": (num_heads, d, out)}
-        params = {}
-        for i, (name, shape) in enumerate(shapes.items()):
-            fan_in = shape[0] if name != "out" else num_heads * d
-            w = w_init(keys[2 * i], (fan_in, math.prod(shape) // fan_in), param_dtype)
-            params[name] = {"w": w.reshape(shape)}
-            if use_bias:
-                params[name]["b"] = b_init(keys[2 * i + 1], shape[1:] if name != "out" else
-                                           (out,), param_dtype)
-        return params, {}
-
-    def apply(params, state, x, *, key=None, train=False):
-        check_train(train)
-        q_in, kv_in, inp = split(x)
-        features, n, d = params["query"]["w"].shape
-        kv_features = params["key"]["w"].shape[0]
-        if q_in.shape[-1] != features:
-            raise shape_error(_NAME, f"[..., time, {features}]", q_in)
-        if kv_in.shape[-1] != kv_features:
-            raise _error("kv", f"[..., kv_time, {kv_features}]", kv_in)
-        lead, t, s = q_in.shape[:-2], q_in.shape[-2], kv_in.shape[-2]
-        b = math.prod(lead)
-        dt = compute_dtype(dtype, q_in, param_dtype)
-        q = _project(params["query"], q_in.reshape(b, t, features).astype(dt), dt)
-        k = _project(params["key"], kv_in.reshape(b, s, kv_features).astype(dt), dt)
-        v = _project(params["value"], kv_in.reshape(b, s, kv_features).astype(dt), dt)
-
-        cache = state.get("cache") if isinstance(state, dict) else None
-        decode = cache is not None
-        if decode:
-            if inp.kv is not None:
-                raise LayerError(f"{where(_NAME)}: decode mode (a cache in state) is "
-                                 f"self-attention only; got kv {describe(inp.kv)}")
-            cache_lead = cache["k"].shape[:-3]
-            max_length = cache["k"].shape[-3]
-            if lead != cache_lead or t > max_length:
-                raise shape_error(_NAME, f"{_dims(cache_lead + ('new', features))} with new <= "
-                                         f"{max_length} (the cache's batch shape and length)",
-                                  q_in)
-            index = jnp.asarray(cache["index"], jnp.int32)
-            offset = index
-        else:
-            offset = jnp.zeros((), jnp.int32)
-
-        if rope:
-            steps = jnp.arange(t, dtype=jnp.int32)
-            q_pos = (offset + steps if inp.q_positions is None else
-                     _batched("q_positions", inp.q_positions, lead, (t,),
-                              f"int broadcastable to {_dims(lead + (t,))}", "int"))
-            if inp.kv_positions is not None:
-                kv_pos = _batched("kv_positions", inp.kv_positions, lead, (s,),
-                                  f"int broadcastable to {_dims(lead + (s,))}", "int")
-            elif inp.kv is None:
-                kv_pos = q_pos
-            else:
-                kv_pos = jnp.arange(s, dtype=jnp.int32)
-            q = apply_rope(q, q_pos, rope_base)
-            k = apply_rope(k, kv_pos, rope_base)
-
-        new_state = state
-        if decode:
-            max_length = cache["k"].shape[-3]
-            kv_shape = (b, max_length) + cache["k"].shape[-2:]
-            start = (0, index, 0, 0)
-            k_all = lax.dynamic_update_slice(cache["k"].reshape(kv_shape),
-                                             k.astype(cache["k"].dtype), start)
-            v_all = lax.dynamic_update_slice(cache["v"].reshape(kv_shape),
-                                             v.astype(cache["v"].dtype), start)
-            new_state = {**state, "cache": {"k": k_all.reshape(cache["k"].shape),
-                                            "v": v_all.reshape(cache["v"].shape),
-                                            "index": index + t}}
-            k, v, s = k_all.astype(dt), v_all.astype(dt), max_length
-
-        # masks: the user's [1|B, 1|N, T, S], lengths [B]
-        mask = None
-        if inp.mask is not None:
-            mask = _batched("mask", inp.mask, lead, (n, t, s),
-                            f"bool broadcastable to [..., heads, q_time, kv_time] = "
-                            f"{_dims(lead + (n, t, s))}", "bool", keep=(0,))
-        q_len = kv_len = None
-        if inp.q_lengths is not None:
-            q_len = _batched("q_lengths", inp.q_lengths, lead, (), f"int broadcastable to "
-                             f"{_dims(lead)}", "int").astype(jnp.int32)
-            q_len = jnp.broadcast_to(q_len, (b,))
-        if inp.kv_lengths is not None:
-            kv_len = _batched("kv_lengths", inp.kv_lengths, lead, (), f"int broadcastable to "
-                              f"{_dims(lead)}", "int").astype(jnp.int32)
-            kv_len = jnp.broadcast_to(kv_len, (b,))
-
-        rows = jnp.arange(t, dtype=jnp.int32)[:, None]
-        cols = jnp.arange(s, dtype=jnp.int32)[None, :]
-        structural = None  # [1, 1, T, S]: causal and, in decode mode, the written prefix
-        if decode:
-            structural = cols < index + t
-            if causal:
-                structural = structural & (cols <= rows + index)
-            structural = structural[None, None]
-        explicit = implementation == "einsum" or (train and dropout > 0.0)
-        if explicit:
-            full = mask
-            extra = [structural]
-            if causal and not decode:
-                extra.append((cols <= rows)[None, None])
-            if q_len is not None:
-                extra.append(jnp.arange(t, dtype=jnp.int32)[None, None, :, None]
-                             < q_len[:, None, None, None])
-            if kv_len is not None:
-                extra.append(jnp.arange(s, dtype=jnp.int32)[None, None, None, :]
-                             < kv_len[:, None, None, None])
-            for m in extra:
-                if m is not None:
-                    full = m if full is None else full & m
-            drop_key = require_key(_NAME, key) if train and dropout > 0.0 else None
-            out = _explicit_attention(q, k, v, full, dropout, drop_key)
-        else:
-            dpa_mask = mask
-            if structural is not None:
-                dpa_mask = structural if mask is None else mask & structural
-            # jax promotes bfloat16 logits to float32 implicitly inside; allow that there only
-            with jax.numpy_dtype_promotion("standard"):
-                out = jax.nn.dot_product_attention(
-                    q, k, v, mask=dpa_mask, is_causal=causal and not decode,
-                    query_seq_lengths=q_len, key_value_seq_lengths=kv_len,
-                    implementation=implementation)
-
-        # Rows that may attend to nothing get exactly zero (see the module docstring).
-        valid = None  # broadcastable to [B, T, N, 1]
-        if mask is not None:
-            rows_mask = mask
-            if structural is not None:
-                rows_mask = rows_mask & structural
-            elif causal:
-                rows_mask = rows_mask & (cols <= rows)[None, None]
-            if kv_len is not None:
-                rows_mask = rows_mask & (cols[None, None] < kv_len[:, None, None, None])
-            valid = jnp.transpose(jnp.any(rows_mask, axis=-1), (0, 2, 1))[..., None]
-        elif kv_len is not None:
-            valid = (kv_len > 0)[:, None, None, None]
-        if q_len is not None:
-            q_valid = (jnp.arange(t, dtype=jnp.int32)[None, :] < q_len[:, None])[..., None, None]
-            valid = q_valid if valid is None else valid & q_valid
-        if valid is not None:
-            out = jnp.where(valid, out, jnp.zeros((), out.dtype))
-
-        y = jnp.einsum("bthd,hdo->bto", out, params["out"]["w"].astype(dt))
-        if "b" in params["out"]:
-            y = y + align(params["out"]["b"].astype(dt), y.ndim)
-        return y.reshape(lead + (t, y.shape[-1])), new_state
-
-    return Layer(init, apply, _NAME)
+    cfg = _settings(num_heads, num_kv_heads, head_dim, out_features, use_bias, cross, causal,
+                    window, rope, rope_base, alibi, dropout, implementation, w_init, b_init,
+                    param_dtype, dtype)
+    return Layer(functools.partial(_init, cfg), functools.partial(_apply, cfg), _NAME)
 
 
 # ----------------------------------------------------------------------------- inspection
@@ -490,9 +590,10 @@ def _check_weights_params(params: Any) -> tuple[int, int, int, int]:
 
 
 def attention_weights(params: dict[str, Any], x: jax.Array, *, causal: bool = False,
-                      rope: bool = False, rope_base: float = 10000.0,
+                      window: int | Window | None = None, rope: bool = False,
+                      rope_base: float = 10000.0, alibi: bool = False,
                       mask: Any = None) -> jax.Array:
-    """The self-attention weights ``softmax(q k^T / sqrt(head_dim))`` of a
+    """The self-attention weights ``softmax(q k^T / sqrt(head_dim) + bias)`` of a
     :func:`MultiHeadAttention` on ``x``, for inspection and plots.
 
     ``params``: the layer's params (``query`` ``w: [features, heads, head_dim]``, ``key`` ``w:
@@ -501,11 +602,11 @@ def attention_weights(params: dict[str, Any], x: jax.Array, *, causal: bool = Fa
     ``-> float32 [..., heads, time, time]`` (float64 for float64 input): entry ``[..., h, i, j]``
     is how much query position ``i`` of head ``h`` takes from position ``j``.
 
-    Pass the settings the layer was built with: ``causal``, ``rope`` and ``rope_base``
-    (positions ``0, 1, ...``); ``mask`` is bool, broadcastable to ``[..., heads, time, time]``,
-    ``True`` = may attend. Grouped-query params (``kv_heads < heads``) are read as the layer
-    does: query head ``h`` uses key head ``h // (heads // kv_heads)``. Projections, logits and
-    softmax are computed in float32 whatever the dtype of ``x`` (float64 stays float64).
+    Pass the settings the layer was built with: ``causal``, ``window``, ``rope`` and
+    ``rope_base``, ``alibi`` (positions ``0, 1, ...``); ``mask`` is bool, broadcastable to
+    ``[..., heads, time, time]``, ``True`` = may attend. Grouped-query params (``kv_heads <
+    heads``) are read as the layer does. Projections, logits and softmax are computed in
+    float32 whatever the dtype of ``x`` (float64 stays float64).
 
     Each row sums to 1, and masked entries (the upper triangle with ``causal``) are exactly 0; a
     row that may attend to nothing is all zeros, as the layer's attention result is there.
@@ -536,21 +637,23 @@ def attention_weights(params: dict[str, Any], x: jax.Array, *, causal: bool = Fa
                 or any(a not in (1, b) for a, b in zip(mask.shape[::-1], full[::-1]))):
             raise ShapeError(f"{_WEIGHTS}: expected mask bool broadcastable to [..., heads, "
                              f"time, time] = {_dims(full)}, got {describe(mask)}")
-    dt = _at_least_f32(x.dtype)
+    window_pair = None if window is None else (
+        (window, window) if isinstance(window, int) else tuple(window))
+    dt = at_least_float32(x.dtype)
     batch = math.prod(lead)
     xf = x.reshape(batch, t, features).astype(dt)
     q = _project(params["query"], xf, dt)  # [B, T, N, D]
     k = _project(params["key"], xf, dt)  # [B, T, K, D]
+    positions = jnp.arange(t, dtype=jnp.int32)
     if rope:
-        positions = jnp.arange(t, dtype=jnp.int32)
         q, k = apply_rope(q, positions, rope_base), apply_rope(k, positions, rope_base)
-    allowed = jnp.ones((1,) * len(full), jnp.bool_)
-    if causal:
-        allowed = align(jnp.tril(jnp.ones((t, t), jnp.bool_)), len(full))
-    if mask is not None:
-        allowed = allowed & align(mask, len(full))
+    allowed = combine_masks(jnp.ones((1,) * len(full), jnp.bool_),
+                            causal_mask(t, t) if causal else None,
+                            window_mask(t, t, window_pair) if window_pair else None,
+                            None if mask is None else align(mask, len(full)))
     allowed = jnp.broadcast_to(allowed, full).reshape(batch, heads, t, t)
+    bias = alibi_bias(heads, positions, positions, dt)[None] if alibi else None
     # the layer's own probabilities, [B, K, N // K, T, T] -> [B, N, T, T] (head order kept)
-    weights = _attention_probs(q, k, allowed).reshape(batch, heads, t, t)
+    weights = attention_probs(q, k, allowed, bias).reshape(batch, heads, t, t)
     # masked entries exactly 0, and so a row that may attend to nothing all zeros
     return jnp.where(allowed, weights, jnp.zeros((), weights.dtype)).reshape(full)

@@ -18,7 +18,8 @@ import jax.numpy as jnp
 from jax import lax
 from jax.nn import initializers
 
-from fnn.core import Layer, align, check_rank, compute_dtype, shape_error
+from fnn.core import (Initializer, Layer, align, check_rank, compute_dtype, expect_params,
+                      shape_error)
 
 Padding = str | int | Sequence[tuple[int, int]]
 
@@ -52,7 +53,7 @@ def _dimension_numbers(n: int) -> lax.ConvDimensionNumbers:
                                     out_spec=(0, n + 1) + spatial)
 
 
-def _batched(fn, x: jax.Array, n: int) -> jax.Array:
+def _one_batch_axis(fn, x: jax.Array, n: int) -> jax.Array:
     """Runs ``fn`` on ``x`` reshaped to exactly one batch axis, then restores the leading axes."""
     lead = x.shape[:x.ndim - n - 1]
     y = fn(x.reshape((math.prod(lead),) + x.shape[len(lead):]))
@@ -90,17 +91,19 @@ def _conv_init(name: str, kernel: tuple[int, ...], features: int, groups: int, u
     return init
 
 
-def _check_input(name: str, x, n: int, in_features: int) -> None:
-    expected = f"[..., {n} spatial axes, {in_features}]"
-    if jnp.ndim(x) < n + 1 or x.shape[-1] != in_features:
-        raise shape_error(name, expected, x)
+def _check_call(name: str, params, x, kernel: tuple[int, ...], in_features: int | str,
+                features: int, use_bias: bool) -> None:
+    """Checks the params against the layer's settings, then the input against the params."""
+    expect_params(name, params, {"w": kernel + (in_features, features)}
+                 | ({"b": (features,)} if use_bias else {}))
+    check_rank(name, x, len(kernel) + 1, f"[..., {len(kernel)} spatial axes, in_features]")
 
 
 def Conv(features: int, kernel_size: int | Sequence[int], *, strides: int | Sequence[int] = 1,
          padding: Padding = "SAME", dilation: int | Sequence[int] = 1,
          feature_group_count: int = 1, use_bias: bool = True,
-         w_init: jax.nn.initializers.Initializer = initializers.lecun_normal(),
-         b_init: jax.nn.initializers.Initializer = initializers.zeros,
+         w_init: Initializer = initializers.lecun_normal(),
+         b_init: Initializer = initializers.zeros,
          param_dtype: Any = jnp.float32, dtype: Any = None) -> Layer:
     """Convolution (cross-correlation, as in every deep-learning library).
 
@@ -120,8 +123,10 @@ def Conv(features: int, kernel_size: int | Sequence[int], *, strides: int | Sequ
     dimension_numbers = _dimension_numbers(n)
 
     def apply(params, state, x, *, key=None, train=False):
+        _check_call("Conv", params, x, kernel, "in_features // groups", features, use_bias)
         w = params["w"]
-        _check_input("Conv", x, n, w.shape[-2] * groups)
+        if x.shape[-1] != w.shape[-2] * groups:
+            raise shape_error("Conv", f"[..., {n} spatial axes, {w.shape[-2] * groups}]", x)
         dt = compute_dtype(dtype, x, param_dtype)
 
         def conv(xb):
@@ -130,7 +135,7 @@ def Conv(features: int, kernel_size: int | Sequence[int], *, strides: int | Sequ
                 rhs_dilation=dilation_, dimension_numbers=dimension_numbers,
                 feature_group_count=groups)
 
-        y = _batched(conv, x, n)
+        y = _one_batch_axis(conv, x, n)
         if use_bias:
             y = y + align(params["b"].astype(dt), y.ndim)
         return y, state
@@ -142,8 +147,8 @@ def Conv(features: int, kernel_size: int | Sequence[int], *, strides: int | Sequ
 def ConvTranspose(features: int, kernel_size: int | Sequence[int], *,
                   strides: int | Sequence[int] = 1, padding: Padding = "SAME",
                   dilation: int | Sequence[int] = 1, use_bias: bool = True,
-                  w_init: jax.nn.initializers.Initializer = initializers.lecun_normal(),
-                  b_init: jax.nn.initializers.Initializer = initializers.zeros,
+                  w_init: Initializer = initializers.lecun_normal(),
+                  b_init: Initializer = initializers.zeros,
                   param_dtype: Any = jnp.float32, dtype: Any = None) -> Layer:
     """Transposed convolution: every input position adds ``x[i] * w`` into the output at
     ``i * strides`` (the gradient of :func:`Conv` with respect to its input, as in PyTorch).
@@ -167,8 +172,10 @@ def ConvTranspose(features: int, kernel_size: int | Sequence[int], *,
     spatial_axes = tuple(range(n))
 
     def apply(params, state, x, *, key=None, train=False):
+        _check_call("ConvTranspose", params, x, kernel, "in_features", features, use_bias)
         w = params["w"]
-        _check_input("ConvTranspose", x, n, w.shape[-2])
+        if x.shape[-1] != w.shape[-2]:
+            raise shape_error("ConvTranspose", f"[..., {n} spatial axes, {w.shape[-2]}]", x)
         dt = compute_dtype(dtype, x, param_dtype)
         # lax.conv_transpose correlates the dilated input with the kernel as given; flipping it
         # gives the scatter form above, the true transpose of Conv.
@@ -179,7 +186,7 @@ def ConvTranspose(features: int, kernel_size: int | Sequence[int], *,
                                       rhs_dilation=dilation_,
                                       dimension_numbers=dimension_numbers)
 
-        y = _batched(conv_t, x, n)
+        y = _one_batch_axis(conv_t, x, n)
         if use_bias:
             y = y + align(params["b"].astype(dt), y.ndim)
         return y, state

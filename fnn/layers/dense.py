@@ -8,9 +8,8 @@ import jax
 import jax.numpy as jnp
 from jax.nn import initializers
 
-from fnn.core import Layer, align, check_positive, check_rank, compute_dtype, shape_error
-
-Initializer = jax.nn.initializers.Initializer
+from fnn.core import (Initializer, Layer, align, check_positive, check_rank, compute_dtype,
+                      expect_params, per_position, shape_error)
 
 
 def Dense(features: int, *, use_bias: bool = True,
@@ -23,7 +22,7 @@ def Dense(features: int, *, use_bias: bool = True,
     ``{"w": [in_features, features], "b": [features]}`` (``b`` only with ``use_bias``).
     ``w`` starts LeCun-normal (variance ``1 / in_features``), ``b`` at zero; pass any
     ``jax.nn.initializers`` function to change them. ``param_dtype`` is the storage dtype,
-    ``dtype`` the compute dtype (default: the input's).
+    ``dtype`` the compute dtype (default: the input's). Position-wise: a ``Seq`` passes through.
 
     >>> import jax, jax.numpy as jnp, fnn
     >>> params, state = Dense(3).init(jax.random.key(0), jnp.zeros((2, 5)))
@@ -31,6 +30,7 @@ def Dense(features: int, *, use_bias: bool = True,
     {'b': (3,), 'w': (5, 3)}
     """
     check_positive("Dense", features=features)
+    expected = {"w": ("in_features", features)} | ({"b": (features,)} if use_bias else {})
 
     def init(key, x):
         check_rank("Dense", x, 1, "[..., in_features]")
@@ -41,6 +41,7 @@ def Dense(features: int, *, use_bias: bool = True,
         return params, {}
 
     def apply(params, state, x, *, key=None, train=False):
+        expect_params("Dense", params, expected)
         w = params["w"]
         if jnp.ndim(x) < 1 or x.shape[-1] != w.shape[0]:
             raise shape_error("Dense", f"[..., {w.shape[0]}]", x)
@@ -50,4 +51,4 @@ def Dense(features: int, *, use_bias: bool = True,
             y = y + align(params["b"].astype(dt), y.ndim)
         return y, state
 
-    return Layer(init, apply, "Dense")
+    return per_position(Layer(init, apply, "Dense"))

@@ -5,13 +5,16 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from fnn.core import Layer, check_train, require_key
+from fnn.core import Layer, check_train, per_position, require_key
 
 
 def Dropout(rate: float) -> Layer:
     """Zeroes each element with probability ``rate`` in training and scales the rest by
     ``1 / (1 - rate)``, so the expected output equals the input; the identity when
-    ``train=False``. ``x: [...] -> [...]``. Needs ``key=`` when ``train=True``.
+    ``train=False``. ``x: [...] -> [...]``. Needs ``key=`` when ``train=True``. Position-wise:
+    a ``Seq`` passes through.
+
+    ``rate`` is in ``[0, 1]``; ``Dropout(1.0)`` zeroes everything in training.
     """
     if not isinstance(rate, (int, float)) or isinstance(rate, bool) or not 0.0 <= rate <= 1.0:
         raise ValueError(f"Dropout: rate is the drop probability and must be in [0, 1], "
@@ -30,4 +33,4 @@ def Dropout(rate: float) -> Layer:
         keep = jax.random.bernoulli(key, 1.0 - rate, jnp.shape(x))
         return jnp.where(keep, x / (1.0 - rate), jnp.zeros((), x.dtype)), state
 
-    return Layer(init, apply, "Dropout")
+    return per_position(Layer(init, apply, "Dropout"))

@@ -8,20 +8,22 @@ import jax
 import jax.numpy as jnp
 from jax.nn import initializers
 
-from fnn.core import (Layer, apply_child, check_positive, compute_dtype, init_child, put,
-                      shape_error, where, LayerError)
+from fnn.core import (Children, Initializer, Layer, LayerError, check_positive, compute_dtype,
+                      expect_params, map_array, per_position, shape_error, where)
 
 
 def Embedding(num_embeddings: int, features: int, *,
-              table_init: jax.nn.initializers.Initializer = initializers.normal(stddev=1.0),
+              table_init: Initializer = initializers.normal(stddev=1.0),
               param_dtype: Any = jnp.float32, dtype: Any = None) -> Layer:
     """Looks up integer ids in a table. ``ids: int[...] -> [..., features]``; params
     ``{"table": [num_embeddings, features]}``, initialised from a standard normal.
+    Position-wise: a ``Seq`` of ids passes through (its lengths, positions, ... kept).
 
     To tie output weights to the table (logits ``h @ table.T``), see :func:`tied` and
     :func:`attend`.
     """
     check_positive("Embedding", num_embeddings=num_embeddings, features=features)
+    expected = {"table": (num_embeddings, features)}
 
     def init(key, x):
         if not jnp.issubdtype(x.dtype, jnp.integer):
@@ -29,13 +31,14 @@ def Embedding(num_embeddings: int, features: int, *,
         return {"table": table_init(key, (num_embeddings, features), param_dtype)}, {}
 
     def apply(params, state, x, *, key=None, train=False):
+        expect_params("Embedding", params, expected)
         if not jnp.issubdtype(jnp.result_type(x), jnp.integer):
             raise shape_error("Embedding", "integer ids int[...]", x)
         # the table's own dtype, not param_dtype: a precision policy hands in a cast table
         dt = dtype if dtype is not None else params["table"].dtype
         return jnp.take(params["table"], x, axis=0).astype(dt), state
 
-    return Layer(init, apply, "Embedding")
+    return per_position(Layer(init, apply, "Embedding"))
 
 
 def attend(params: dict[str, jax.Array], h: jax.Array) -> jax.Array:
@@ -53,23 +56,19 @@ def attend(params: dict[str, jax.Array], h: jax.Array) -> jax.Array:
 def tied(embedding: Layer, body: Layer) -> Layer:
     """``attend(embedding_params, body(embedding(ids)))``: a model whose output projection
     shares the embedding table. ``ids: int[...] -> logits [..., num_embeddings]``; params
-    ``{"embedding": {"table": ...}, "body": ...}``."""
+    ``{"embedding": {"table": ...}, "body": ...}``. A ``Seq`` of ids gives a ``Seq`` of logits."""
+    children = Children("tied", embedding=embedding, body=body)
 
     def init(key, ids):
-        e_params, _, h = init_child("embedding", embedding, jax.random.fold_in(key, 0), ids)
-        if "table" not in e_params:
+        child = children.initializer(key)
+        child("body", child("embedding", ids))
+        if "table" not in child.params.get("embedding", {}):
             raise LayerError(f"{where('tied')}: the first layer must be an Embedding")
-        b_params, b_state, _ = init_child("body", body, jax.random.fold_in(key, 1), h)
-        params, state = {"embedding": e_params}, {}
-        put(params, "body", b_params)
-        put(state, "body", b_state)
-        return params, state
+        return child.params, child.state
 
     def apply(params, state, ids, *, key=None, train=False):
-        h, _ = apply_child("embedding", embedding, params, state, ids, key=None, train=train)
-        h, body_state = apply_child("body", body, params, state, h, key=key, train=train)
-        new_state = {}
-        put(new_state, "body", body_state)
-        return attend(params["embedding"], h), new_state
+        child = children.runner(params, state, key, train)
+        h = child("body", child("embedding", ids))
+        return map_array(h, lambda a: attend(params["embedding"], a)), child.state
 
     return Layer(init, apply, "tied")

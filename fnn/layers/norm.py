@@ -1,7 +1,8 @@
 """Normalisation layers: BatchNorm, LayerNorm, GroupNorm, RMSNorm.
 
 Statistics are computed in at least float32 whatever the input dtype; the output has the compute
-dtype (``dtype``, default: the input's). Features are on the last axis (channels-last).
+dtype (``dtype``, default: the input's). Features are on the last axis (channels-last). Params
+are ``{"scale": [features], "b": [features]}`` (``use_scale``, ``use_bias``).
 """
 
 from __future__ import annotations
@@ -12,12 +13,9 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from fnn.core import Layer, align, check_floating, check_rank, check_train, shape_error
-
-
-def _stats_dtype(x) -> Any:
-    """float32, or float64 for float64 inputs: statistics never in half precision."""
-    return jnp.float64 if x.dtype == jnp.float64 else jnp.float32
+from fnn.core import (Layer, Seq, align, at_least_float32, check_floating, check_rank,
+                      check_train, expect_params, per_position, seq_lengths, shape_error,
+                      valid_positions)
 
 
 def _affine_params(features: int, use_scale: bool, use_bias: bool, param_dtype) -> dict:
@@ -25,20 +23,25 @@ def _affine_params(features: int, use_scale: bool, use_bias: bool, param_dtype) 
     if use_scale:
         params["scale"] = jnp.ones((features,), param_dtype)
     if use_bias:
-        params["bias"] = jnp.zeros((features,), param_dtype)
+        params["b"] = jnp.zeros((features,), param_dtype)
     return params
 
 
+def _expected(features: int | str, use_scale: bool, use_bias: bool) -> dict:
+    return (({"scale": (features,)} if use_scale else {})
+            | ({"b": (features,)} if use_bias else {}))
+
+
 def _normalize(x, mean, var, params, epsilon: float, dtype) -> jax.Array:
-    """``(x - mean) / sqrt(var + eps) * scale + bias``, folded into one multiply-add."""
+    """``(x - mean) / sqrt(var + eps) * scale + b``, folded into one multiply-add."""
     ndim = x.ndim
     mean, var = align(mean, ndim), align(var, ndim)
     mul = lax.rsqrt(var + epsilon)
     if "scale" in params:
         mul = mul * align(params["scale"].astype(mul.dtype), ndim)
     shift = -mean * mul
-    if "bias" in params:
-        shift = shift + align(params["bias"].astype(mul.dtype), ndim)
+    if "b" in params:
+        shift = shift + align(params["b"].astype(mul.dtype), ndim)
     y = x.astype(mul.dtype) * mul + shift
     return y.astype(dtype if dtype is not None else x.dtype)
 
@@ -48,12 +51,36 @@ def _check_features(name: str, x, features: int) -> None:
         raise shape_error(name, f"[..., {features}]", x)
 
 
+def _batch_moments(x: jax.Array, valid: jax.Array | None, axis_name: str | None):
+    """The mean and biased variance of ``x`` over every axis but the last, in at least float32,
+    over the positions where ``valid`` (``[..., time, 1]``) holds, averaged over ``axis_name``."""
+    axes = tuple(range(x.ndim - 1))
+    xf = x.astype(at_least_float32(x.dtype))
+    if valid is None:
+        mean = jnp.mean(xf, axes)
+        if axis_name is not None:
+            mean = lax.pmean(mean, axis_name)
+        var = jnp.mean(jnp.square(xf - align(mean, x.ndim)), axes)
+        return mean, (var if axis_name is None else lax.pmean(var, axis_name))
+    # jnp.where, not a multiplication by 0/1: padded positions may hold anything (inf * 0 is nan)
+    zero = jnp.zeros((), xf.dtype)
+    count = jnp.sum(jnp.broadcast_to(valid.astype(xf.dtype), x.shape[:-1] + (1,)), axes)
+    if axis_name is not None:
+        count = lax.psum(count, axis_name)
+    count = jnp.maximum(count, 1.0)
+    total = jnp.sum(jnp.where(valid, xf, zero), axes)
+    mean = (total if axis_name is None else lax.psum(total, axis_name)) / count
+    squares = jnp.sum(jnp.where(valid, jnp.square(xf - align(mean, x.ndim)), zero), axes)
+    var = (squares if axis_name is None else lax.psum(squares, axis_name)) / count
+    return mean, var
+
+
 def BatchNorm(*, momentum: float = 0.99, epsilon: float = 1e-5, axis_name: str | None = None,
               use_scale: bool = True, use_bias: bool = True, param_dtype: Any = jnp.float32,
               dtype: Any = None) -> Layer:
     """Batch normalisation over every axis but the last.
 
-    Shapes: ``x: [..., features] -> [..., features]``; params ``{"scale", "bias"}`` and state
+    Shapes: ``x: [..., features] -> [..., features]``; params ``{"scale", "b"}`` and state
     ``{"mean", "var"}``, each ``[features]``.
 
     ``train=True`` normalises with the batch's statistics and returns running statistics updated
@@ -61,13 +88,17 @@ def BatchNorm(*, momentum: float = 0.99, epsilon: float = 1e-5, axis_name: str |
     ``train=False`` normalises with the running statistics and leaves them unchanged. With
     ``axis_name``, training statistics are averaged over that mapped axis (``jax.pmap``,
     ``shard_map``), so every device normalises with the statistics of the global batch.
+    Given a ``Seq`` with ``lengths`` (``x: [..., time, features]``), the statistics leave the
+    padded positions out; the ``Seq`` is passed on.
     """
     if not 0.0 <= momentum <= 1.0:
         raise ValueError(f"BatchNorm: momentum must be in [0, 1], got {momentum!r}")
+    name = "BatchNorm"
 
     def init(key, x):
-        check_rank("BatchNorm", x, 1, "[..., features]")
-        check_floating("BatchNorm", x, "[..., features]")
+        x = x.x if isinstance(x, Seq) else x
+        check_rank(name, x, 1, "[..., features]")
+        check_floating(name, x, "[..., features]")
         features = x.shape[-1]
         state = {"mean": jnp.zeros((features,), jnp.float32),
                  "var": jnp.ones((features,), jnp.float32)}
@@ -75,65 +106,70 @@ def BatchNorm(*, momentum: float = 0.99, epsilon: float = 1e-5, axis_name: str |
 
     def apply(params, state, x, *, key=None, train=False):
         check_train(train)
-        _check_features("BatchNorm", x, state["mean"].shape[0])
+        expect_params(name, state, {"mean": ("features",), "var": ("features",)}, "state")
+        features = state["mean"].shape[0]
+        expect_params(name, state, {"mean": (features,), "var": (features,)}, "state")
+        expect_params(name, params, _expected(features, use_scale, use_bias))
+        seq, x = (x, x.x) if isinstance(x, Seq) else (None, x)
+        _check_features(name, x, features)
         if not train:
-            return _normalize(x, state["mean"], state["var"], params, epsilon, dtype), state
-        axes = tuple(range(x.ndim - 1))
-        xf = x.astype(_stats_dtype(x))
-        mean = jnp.mean(xf, axes)
-        if axis_name is not None:
-            mean = lax.pmean(mean, axis_name)
-        var = jnp.mean(jnp.square(xf - align(mean, x.ndim)), axes)
-        if axis_name is not None:
-            var = lax.pmean(var, axis_name)
-        new_state = {
-            "mean": momentum * state["mean"] + (1.0 - momentum) * mean.astype(jnp.float32),
-            "var": momentum * state["var"] + (1.0 - momentum) * var.astype(jnp.float32),
-        }
-        return _normalize(x, mean, var, params, epsilon, dtype), new_state
+            y, new_state = _normalize(x, state["mean"], state["var"], params, epsilon, dtype), state
+        else:
+            lengths = seq_lengths(name, seq)
+            valid = None if lengths is None else valid_positions(lengths, x.shape[-2])[..., None]
+            mean, var = _batch_moments(x, valid, axis_name)
+            new_state = {
+                "mean": momentum * state["mean"] + (1.0 - momentum) * mean.astype(jnp.float32),
+                "var": momentum * state["var"] + (1.0 - momentum) * var.astype(jnp.float32),
+            }
+            y = _normalize(x, mean, var, params, epsilon, dtype)
+        return (y if seq is None else seq.with_x(y)), new_state
 
-    return Layer(init, apply, "BatchNorm")
+    return Layer(init, apply, name)
+
+
+def _feature_norm(name: str, moments, epsilon: float, use_scale: bool, use_bias: bool,
+                  param_dtype, dtype) -> Layer:
+    """A position-wise norm over the last axis: ``moments(xf) -> (mean, var)``, each
+    ``[..., 1]`` (``xf``: the input in at least float32), then :func:`_normalize`."""
+
+    def init(key, x):
+        check_rank(name, x, 1, "[..., features]")
+        return _affine_params(x.shape[-1], use_scale, use_bias, param_dtype), {}
+
+    def apply(params, state, x, *, key=None, train=False):
+        check_rank(name, x, 1, "[..., features]")
+        check_floating(name, x, "[..., features]")
+        expect_params(name, params, _expected(x.shape[-1], use_scale, use_bias))
+        mean, var = moments(x.astype(at_least_float32(x.dtype)))
+        return _normalize(x, mean, var, params, epsilon, dtype), state
+
+    return per_position(Layer(init, apply, name))
 
 
 def LayerNorm(*, epsilon: float = 1e-5, use_scale: bool = True, use_bias: bool = True,
               param_dtype: Any = jnp.float32, dtype: Any = None) -> Layer:
     """Normalises each example over its last axis. ``x: [..., features] -> [..., features]``;
-    params ``{"scale", "bias"}``, each ``[features]``."""
+    params ``{"scale", "b"}``, each ``[features]``. Position-wise: a ``Seq`` passes through."""
 
-    def init(key, x):
-        check_rank("LayerNorm", x, 1, "[..., features]")
-        return _affine_params(x.shape[-1], use_scale, use_bias, param_dtype), {}
-
-    def apply(params, state, x, *, key=None, train=False):
-        check_floating("LayerNorm", x, "[..., features]")
-        if params:
-            _check_features("LayerNorm", x, next(iter(params.values())).shape[0])
-        xf = x.astype(_stats_dtype(x))
+    def moments(xf):
         mean = jnp.mean(xf, -1, keepdims=True)
-        var = jnp.mean(jnp.square(xf - mean), -1, keepdims=True)
-        return _normalize(x, mean, var, params, epsilon, dtype), state
+        return mean, jnp.mean(jnp.square(xf - mean), -1, keepdims=True)
 
-    return Layer(init, apply, "LayerNorm")
+    return _feature_norm("LayerNorm", moments, epsilon, use_scale, use_bias, param_dtype, dtype)
 
 
 def RMSNorm(*, epsilon: float = 1e-6, use_scale: bool = True, param_dtype: Any = jnp.float32,
             dtype: Any = None) -> Layer:
     """``x / sqrt(mean(x**2) + eps) * scale`` over the last axis.
-    ``x: [..., features] -> [..., features]``; params ``{"scale": [features]}``."""
+    ``x: [..., features] -> [..., features]``; params ``{"scale": [features]}``. Position-wise:
+    a ``Seq`` passes through."""
 
-    def init(key, x):
-        check_rank("RMSNorm", x, 1, "[..., features]")
-        return _affine_params(x.shape[-1], use_scale, False, param_dtype), {}
-
-    def apply(params, state, x, *, key=None, train=False):
-        check_floating("RMSNorm", x, "[..., features]")
-        if params:
-            _check_features("RMSNorm", x, params["scale"].shape[0])
-        xf = x.astype(_stats_dtype(x))
+    def moments(xf):
         mean_square = jnp.mean(jnp.square(xf), -1, keepdims=True)
-        return _normalize(x, jnp.zeros((1,), xf.dtype), mean_square, params, epsilon, dtype), state
+        return jnp.zeros((1,), xf.dtype), mean_square
 
-    return Layer(init, apply, "RMSNorm")
+    return _feature_norm("RMSNorm", moments, epsilon, use_scale, False, param_dtype, dtype)
 
 
 def GroupNorm(num_groups: int = 32, *, start_axis: int = 1, epsilon: float = 1e-5,
@@ -145,17 +181,18 @@ def GroupNorm(num_groups: int = 32, *, start_axis: int = 1, epsilon: float = 1e-
     Shapes: ``x: [*lead, *spatial, features] -> same``, where the spatial axes run from
     ``start_axis`` to the last but one (a negative ``start_axis`` counts from the end:
     ``GroupNorm(8, start_axis=-3)`` for ``[..., H, W, C]``, which also works under ``jax.vmap``).
-    ``features`` must be divisible by ``num_groups``. Params ``{"scale", "bias"}``, each
+    ``features`` must be divisible by ``num_groups``. Params ``{"scale", "b"}``, each
     ``[features]``.
     """
     if not isinstance(num_groups, int) or num_groups <= 0:
         raise ValueError(f"GroupNorm: num_groups must be a positive integer, got {num_groups!r}")
+    name = "GroupNorm"
 
     def check(x):
-        check_rank("GroupNorm", x, 1, "[..., features]")
+        check_rank(name, x, 1, "[..., features]")
         start = start_axis + x.ndim if start_axis < 0 else start_axis
         if not 0 <= start <= x.ndim - 1 or x.shape[-1] % num_groups:
-            raise shape_error("GroupNorm", f"[*lead, *spatial, features] with the spatial axes "
+            raise shape_error(name, f"[*lead, *spatial, features] with the spatial axes "
                               f"from axis {start_axis} and features divisible by "
                               f"num_groups={num_groups}", x)
         return start
@@ -165,13 +202,13 @@ def GroupNorm(num_groups: int = 32, *, start_axis: int = 1, epsilon: float = 1e-
         return _affine_params(x.shape[-1], use_scale, use_bias, param_dtype), {}
 
     def apply(params, state, x, *, key=None, train=False):
-        check_floating("GroupNorm", x, "[..., features]")
         start = check(x)
-        if params:
-            _check_features("GroupNorm", x, next(iter(params.values())).shape[0])
+        check_floating(name, x, "[..., features]")
         channels = x.shape[-1]
+        expect_params(name, params, _expected(channels, use_scale, use_bias))
         # [*lead, *spatial, groups, channels // groups]
-        xg = x.astype(_stats_dtype(x)).reshape(x.shape[:-1] + (num_groups, channels // num_groups))
+        xg = x.astype(at_least_float32(x.dtype)).reshape(
+            x.shape[:-1] + (num_groups, channels // num_groups))
         axes = tuple(range(start, x.ndim - 1)) + (x.ndim,)
         mean = jnp.mean(xg, axes, keepdims=True)
         var = jnp.mean(jnp.square(xg - mean), axes, keepdims=True)
@@ -181,6 +218,4 @@ def GroupNorm(num_groups: int = 32, *, start_axis: int = 1, epsilon: float = 1e-
         flat = mean.shape[:-2] + (channels,)
         return _normalize(x, mean.reshape(flat), var.reshape(flat), params, epsilon, dtype), state
 
-    return Layer(init, apply, "GroupNorm")
-
-
+    return Layer(init, apply, name)

@@ -15,7 +15,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from fnn.core import Layer, check_floating, check_rank, shape_error
+from fnn.core import (Layer, Seq, check_floating, check_rank, seq_lengths, shape_error,
+                      valid_positions)
 from fnn.layers.conv import Padding, _padding, _tuple
 
 
@@ -129,34 +130,71 @@ def AvgPool(window: int | Sequence[int], strides: int | Sequence[int] | None = N
     return _pool("AvgPool", window, strides, padding, reduce)
 
 
-def _global(name: str, start_axis: int, reduce) -> Layer:
+def _global(name: str, start_axis: int, reduce, masked) -> Layer:
     expected = (f"[batch, *spatial, features] (spatial axes from axis {start_axis})"
                 if start_axis >= 0 else f"[..., {-start_axis - 1} spatial axes, features]")
 
     def axes(x):
+        if not hasattr(x, "ndim"):
+            raise shape_error(name, expected, x)
         start = start_axis + x.ndim if start_axis < 0 else start_axis
-        if not hasattr(x, "ndim") or not 0 <= start < x.ndim - 1:
+        if not 0 <= start < x.ndim - 1:
             raise shape_error(name, expected, x)
         return tuple(range(start, x.ndim - 1))
 
+    def seq_lengths_checked(x):
+        """A Seq's lengths, once its time axis is known to be the only pooled one."""
+        if axes(x.x) != (x.x.ndim - 2,):
+            raise shape_error(name, "a Seq [..., time, features] pooled over its time axis only "
+                              "(start_axis=-2)", x)
+        return seq_lengths(name, x)
+
     def init(key, x):
-        axes(x)
+        if isinstance(x, Seq):  # refused at init as in apply
+            seq_lengths_checked(x)
+        else:
+            axes(x)
         return {}, {}
 
     def apply(params, state, x, *, key=None, train=False):
-        return reduce(x, axis=axes(x)), state
+        if not isinstance(x, Seq):
+            return reduce(x, axis=axes(x)), state
+        # a sequence: pooled over its time axis, the padded positions left out
+        lengths = seq_lengths_checked(x)
+        if lengths is None:
+            return reduce(x.x, axis=x.x.ndim - 2), state
+        return masked(x.x, valid_positions(lengths, x.x.shape[-2])[..., None], lengths), state
 
     return Layer(init, apply, name)
+
+
+def _masked_mean(x, valid, lengths):
+    total = jnp.sum(jnp.where(valid, x, jnp.zeros((), x.dtype)), axis=-2)
+    count = jnp.maximum(lengths, 1).astype(x.dtype)[..., None]
+    return total / count
+
+
+def _masked_max(x, valid, lengths):
+    # -inf, not finfo.min: a valid -inf must stay -inf, as in the unmasked max
+    lowest = jnp.asarray(-jnp.inf if jnp.issubdtype(x.dtype, jnp.floating)
+                         else jnp.iinfo(x.dtype).min, x.dtype)
+    y = jnp.max(jnp.where(valid, x, lowest), axis=-2)
+    return jnp.where((lengths > 0)[..., None], y, jnp.zeros((), x.dtype))
 
 
 def GlobalAvgPool(start_axis: int = 1) -> Layer:
     """Mean over every spatial axis: ``[*lead, *spatial, C] -> [*lead, C]``. Spatial axes run
     from ``start_axis`` to the last but one; a negative ``start_axis`` counts from the end
-    (``GlobalAvgPool(-3)`` for ``[..., H, W, C]``, which also works under ``jax.vmap``)."""
-    return _global("GlobalAvgPool", start_axis, jnp.mean)
+    (``GlobalAvgPool(-3)`` for ``[..., H, W, C]``, which also works under ``jax.vmap``).
+
+    A ``Seq`` ``[..., time, C]`` (with ``start_axis=-2``) is pooled over its time axis and gives a
+    plain array ``[..., C]``; with ``lengths`` the mean is over each sequence's valid positions
+    (zero for an empty one)."""
+    return _global("GlobalAvgPool", start_axis, jnp.mean, _masked_mean)
 
 
 def GlobalMaxPool(start_axis: int = 1) -> Layer:
-    """Maximum over every spatial axis: ``[*lead, *spatial, C] -> [*lead, C]``; axes as in
-    :func:`GlobalAvgPool`."""
-    return _global("GlobalMaxPool", start_axis, jnp.max)
+    """Maximum over every spatial axis: ``[*lead, *spatial, C] -> [*lead, C]``; axes and
+    ``Seq`` inputs as in :func:`GlobalAvgPool` (the maximum over the valid positions, zero for
+    an empty sequence)."""
+    return _global("GlobalMaxPool", start_axis, jnp.max, _masked_max)

@@ -1,18 +1,22 @@
-"""Recurrent layers: the cells ``SimpleRNN``, ``LSTM`` and ``GRU``, the time loop ``RNN`` and
-``Bidirectional``.
+"""Recurrent layers: the cells ``SimpleRNNCell``, ``LSTMCell`` and ``GRUCell``, the time loop
+``RNN`` and ``Bidirectional``, and the layers ``SimpleRNN``, ``LSTM`` and ``GRU`` (a cell in
+``RNN``).
 
 A *cell* describes one time step; :func:`RNN` turns any cell into a layer that runs it over a
-sequence with one ``lax.scan``. Layouts are batch-major: ``x: [..., time, features]`` with any
-number of leading batch axes (none included, so ``jax.vmap`` over single examples works).
+sequence with one ``lax.scan``: ``LSTM(64)`` is ``RNN(LSTMCell(64))``. Layouts are
+batch-major: ``x: [..., time, features]`` with any number of leading batch axes (none included,
+so ``jax.vmap`` over single examples works). Variable-length batches come as a
+:class:`~fnn.core.Seq` with ``lengths``, so a stack is ``serial(LSTM(64), Dropout(0.2),
+LSTM(64))`` with or without them.
 
 The cell contract
 -----------------
 
-A cell is a :class:`Cell` NamedTuple built by a factory (``LSTM(64)``)::
+A cell is a :class:`Cell` NamedTuple built by a factory (``LSTMCell(64)``)::
 
     params = cell.init(key, x)                      # x: array or ShapeDtypeStruct [..., in]
     projected = cell.project(params, x)             # [..., in] -> [..., gates]
-    carry, h = cell.recur(params, carry, projected_t)   # one step: [..., gates] -> [..., hidden]
+    carry, h = cell.recur(params, carry, projected_t)   # one step: [..., gates] -> [..., features]
     carry, h = cell.step(params, carry, x_t)        # = recur(params, carry, project(params, x_t))
     carry = cell.initial_carry(batch_shape, dtype)  # zeros
     cell.in_features(params)                        # the input size the params expect
@@ -29,17 +33,18 @@ A cell may also bring its own ``loop`` over a whole sequence, which :func:`RNN` 
 place of the generic scan; the LSTM does (see "The LSTM's loop" below).
 
 The carry is a small NamedTuple: :class:`LSTMCarry` ``(h, c)`` for the LSTM and
-:class:`RNNCarry` ``(h,)`` for the simple RNN and the GRU, every field ``[..., hidden]``. The
+:class:`RNNCarry` ``(h,)`` for the simple RNN and the GRU, every field ``[..., features]``. The
 output of a step is the new ``h``.
 
 Weight layout and equations (``x @ w`` convention, gates side by side along the last axis)
 ---------------------------------------------------------------------------------------------
 
-``SimpleRNN``: params ``{"w_i": [in, H], "w_h": [H, H], "b": [H]}``::
+``SimpleRNNCell``: params ``{"w_i": [in, H], "w_h": [H, H], "b": [H]}`` (``H`` the cell's
+``features``)::
 
     h' = tanh(x @ w_i + h @ w_h + b)                  (the activation can be changed)
 
-``LSTM``: params ``{"w_i": [in, 4H], "w_h": [H, 4H], "b": [4H]}``, gates ordered
+``LSTMCell``: params ``{"w_i": [in, 4H], "w_h": [H, 4H], "b": [4H]}``, gates ordered
 **i, f, g, o** (input, forget, cell candidate, output; PyTorch's order)::
 
     i, f, g, o = split(x @ w_i + h @ w_h + b, 4)
@@ -50,7 +55,7 @@ The forget-gate slice of ``b`` starts at ``forget_bias=1.0`` (the rest at zero),
 cell remembers by default. From PyTorch's ``nn.LSTM``: ``w_i = weight_ih.T``,
 ``w_h = weight_hh.T``, ``b = bias_ih + bias_hh``.
 
-``GRU``: params ``{"w_i": [in, 3H], "w_h": [H, 3H], "b": [3H], "b_hn": [H]}``, gates ordered
+``GRUCell``: params ``{"w_i": [in, 3H], "w_h": [H, 3H], "b": [3H], "b_hn": [H]}``, gates ordered
 **r, z, n** (reset, update, candidate), PyTorch's formulation (the reset gate multiplies the
 recurrent term *after* its product)::
 
@@ -108,22 +113,22 @@ from jax import lax
 from jax.nn import initializers
 
 from fnn.combinators import combiner
-from fnn.core import (Layer, LayerError, Params, ShapeError, align, apply_child, check_positive,
-                      check_rank, compute_dtype, describe, init_child, put, shape_error, where)
+from fnn.core import (Children, Initializer, Layer, Params, Seq, align, array_of, check_positive,
+                      check_rank, compute_dtype, seq_lengths, shape_error)
 
-Initializer = jax.nn.initializers.Initializer
-Carry = Any  # a NamedTuple of arrays [..., hidden]
+Carry = Any  # a NamedTuple of arrays [..., features]
 
 
 class RNNCarry(NamedTuple):
-    """The carry of :func:`SimpleRNN` and :func:`GRU`: the hidden state ``h: [..., hidden]``."""
+    """The carry of :func:`SimpleRNNCell` and :func:`GRUCell`: the hidden state
+    ``h: [..., features]``."""
 
     h: jax.Array
 
 
 class LSTMCarry(NamedTuple):
-    """The carry of :func:`LSTM`: hidden state ``h`` and cell state ``c``, both
-    ``[..., hidden]``."""
+    """The carry of :func:`LSTMCell`: hidden state ``h`` and cell state ``c``, both
+    ``[..., features]``."""
 
     h: jax.Array
     c: jax.Array
@@ -144,11 +149,11 @@ class Cell(NamedTuple):
     in_features: Callable[[Params], int]
     """The size of the input's last axis that ``params`` expect."""
     name: str = "Cell"
-    hidden_size: int = 0
+    features: int = 0
     loop: Callable[..., tuple[jax.Array, Carry]] | None = None
     """Optional: ``ys, carry = loop(params, x, mask, reverse, unroll)`` runs the whole
     sequence ``x: [time, ..., in]`` (time-major) from the zero carry and returns every step's
-    output ``ys: [time, ..., hidden]`` and the final carry, with ``mask: bool[time, ...]`` or
+    output ``ys: [time, ..., features]`` and the final carry, with ``mask: bool[time, ...]`` or
     ``None`` meaning as in :func:`RNN`'s lengths. :func:`RNN` uses it in place of its scan
     over ``recur``; it must compute the same values."""
 
@@ -159,18 +164,18 @@ class Cell(NamedTuple):
 
 # ============================================================================= cells
 
-def _init_weights(name: str, key: jax.Array, x: Any, hidden_size: int, gates: int,
+def _init_weights(name: str, key: jax.Array, x: Any, features: int, gates: int,
                   w_i_init: Initializer, w_h_init: Initializer, b_init: Initializer,
                   param_dtype: Any) -> Params:
     check_rank(name, x, 1, "[..., in_features]")
     i_key, h_key, b_key = jax.random.split(key, 3)
     # orthogonal init runs a QR decomposition, which needs at least float32
     h_dtype = param_dtype if jnp.dtype(param_dtype).itemsize >= 4 else jnp.float32
-    w_h = jnp.concatenate([w_h_init(k, (hidden_size, hidden_size), h_dtype)
+    w_h = jnp.concatenate([w_h_init(k, (features, features), h_dtype)
                            for k in jax.random.split(h_key, gates)], axis=1).astype(param_dtype)
-    return {"w_i": w_i_init(i_key, (x.shape[-1], gates * hidden_size), param_dtype),
+    return {"w_i": w_i_init(i_key, (x.shape[-1], gates * features), param_dtype),
             "w_h": w_h,
-            "b": b_init(b_key, (gates * hidden_size,), param_dtype)}
+            "b": b_init(b_key, (gates * features,), param_dtype)}
 
 
 def _projector(name: str, dtype: Any, param_dtype: Any) -> Callable[[Params, jax.Array], jax.Array]:
@@ -187,9 +192,9 @@ def _projector(name: str, dtype: Any, param_dtype: Any) -> Callable[[Params, jax
     return project
 
 
-def _zeros(fields: int, hidden_size: int, carry_type: type) -> Callable[..., Carry]:
+def _zeros(fields: int, features: int, carry_type: type) -> Callable[..., Carry]:
     def initial_carry(batch_shape=(), dtype=jnp.float32):
-        shape = tuple(batch_shape) + (hidden_size,)
+        shape = tuple(batch_shape) + (features,)
         return carry_type(*(jnp.zeros(shape, dtype) for _ in range(fields)))
     return initial_carry
 
@@ -198,27 +203,28 @@ def _in_features(params: Params) -> int:
     return params["w_i"].shape[0]
 
 
-def SimpleRNN(hidden_size: int, *, activation: Callable[[jax.Array], jax.Array] = jnp.tanh,
-              w_i_init: Initializer = initializers.lecun_normal(),
-              w_h_init: Initializer = initializers.orthogonal(),
-              b_init: Initializer = initializers.zeros,
-              param_dtype: Any = jnp.float32, dtype: Any = None) -> Cell:
+def SimpleRNNCell(features: int, *,
+                  activation: Callable[[jax.Array], jax.Array] = jnp.tanh,
+                  w_i_init: Initializer = initializers.lecun_normal(),
+                  w_h_init: Initializer = initializers.orthogonal(),
+                  b_init: Initializer = initializers.zeros,
+                  param_dtype: Any = jnp.float32, dtype: Any = None) -> Cell:
     """The Elman cell ``h' = activation(x @ w_i + h @ w_h + b)``, a :class:`Cell` for
     :func:`RNN`.
 
-    Shapes: ``x_t: [..., in_features] -> h: [..., hidden_size]``; carry
-    ``RNNCarry(h)``; params ``{"w_i": [in_features, hidden_size],
-    "w_h": [hidden_size, hidden_size], "b": [hidden_size]}``.
+    Shapes: ``x_t: [..., in_features] -> h: [..., features]``; carry ``RNNCarry(h)``; params
+    ``{"w_i": [in_features, features], "w_h": [features, features], "b": [features]}``.
 
     >>> import jax, jax.numpy as jnp
-    >>> params = SimpleRNN(4).init(jax.random.key(0), jnp.zeros((2, 3)))
+    >>> params = SimpleRNNCell(4).init(jax.random.key(0), jnp.zeros((2, 3)))
     >>> jax.tree.map(jnp.shape, params)
     {'b': (4,), 'w_h': (4, 4), 'w_i': (3, 4)}
     """
-    check_positive("SimpleRNN", hidden_size=hidden_size)
+    name = "SimpleRNNCell"
+    check_positive(name, features=features)
 
     def init(key, x):
-        return _init_weights("SimpleRNN", key, x, hidden_size, 1, w_i_init, w_h_init, b_init,
+        return _init_weights(name, key, x, features, 1, w_i_init, w_h_init, b_init,
                              param_dtype)
 
     def recur(params, carry, p):
@@ -226,35 +232,36 @@ def SimpleRNN(hidden_size: int, *, activation: Callable[[jax.Array], jax.Array] 
         h = activation(p + jnp.matmul(carry.h.astype(dt), params["w_h"].astype(dt)))
         return RNNCarry(h), h
 
-    return Cell(init, _projector("SimpleRNN", dtype, param_dtype), recur,
-                _zeros(1, hidden_size, RNNCarry), _in_features, "SimpleRNN", hidden_size)
+    return Cell(init, _projector(name, dtype, param_dtype), recur,
+                _zeros(1, features, RNNCarry), _in_features, name, features)
 
 
-def LSTM(hidden_size: int, *, forget_bias: float = 1.0,
-         w_i_init: Initializer = initializers.lecun_normal(),
-         w_h_init: Initializer = initializers.orthogonal(),
-         b_init: Initializer = initializers.zeros,
-         param_dtype: Any = jnp.float32, dtype: Any = None) -> Cell:
+def LSTMCell(features: int, *, forget_bias: float = 1.0,
+             w_i_init: Initializer = initializers.lecun_normal(),
+             w_h_init: Initializer = initializers.orthogonal(),
+             b_init: Initializer = initializers.zeros,
+             param_dtype: Any = jnp.float32, dtype: Any = None) -> Cell:
     """The long short-term memory cell, a :class:`Cell` for :func:`RNN`.
 
-    Shapes: ``x_t: [..., in_features] -> h: [..., hidden_size]``; carry
-    ``LSTMCarry(h, c)``; params ``{"w_i": [in_features, 4 * hidden_size],
-    "w_h": [hidden_size, 4 * hidden_size], "b": [4 * hidden_size]}``, gates ordered i, f, g, o
-    (see the module docstring for the equations). The forget-gate slice of ``b`` starts at
-    ``forget_bias`` (added to ``b_init``'s values).
+    Shapes: ``x_t: [..., in_features] -> h: [..., features]``; carry ``LSTMCarry(h, c)``;
+    params ``{"w_i": [in_features, 4 * features], "w_h": [features, 4 * features],
+    "b": [4 * features]}``, gates ordered i, f, g, o (see the module docstring for the
+    equations). The forget-gate slice of ``b`` starts at ``forget_bias`` (added to ``b_init``'s
+    values).
 
     >>> import jax, jax.numpy as jnp
-    >>> params = LSTM(4).init(jax.random.key(0), jnp.zeros((2, 3)))
+    >>> params = LSTMCell(4).init(jax.random.key(0), jnp.zeros((2, 3)))
     >>> jax.tree.map(jnp.shape, params)
     {'b': (16,), 'w_h': (4, 16), 'w_i': (3, 16)}
     >>> params["b"].reshape(4, 4)[:, 0]  # gates i, f, g, o
     Array([0., 1., 0., 0.], dtype=float32)
     """
-    check_positive("LSTM", hidden_size=hidden_size)
-    n = hidden_size
+    name = "LSTMCell"
+    check_positive(name, features=features)
+    n = features
 
     def init(key, x):
-        params = _init_weights("LSTM", key, x, n, 4, w_i_init, w_h_init, b_init, param_dtype)
+        params = _init_weights(name, key, x, n, 4, w_i_init, w_h_init, b_init, param_dtype)
         params["b"] = params["b"].at[n:2 * n].add(forget_bias)
         return params
 
@@ -274,8 +281,8 @@ def LSTM(hidden_size: int, *, forget_bias: float = 1.0,
         ys, h, c = _lstm_loop(reverse, unroll, p, w_h, b, mask)
         return ys, LSTMCarry(h, c)
 
-    return Cell(init, _projector("LSTM", dtype, param_dtype), recur,
-                _zeros(2, n, LSTMCarry), _in_features, "LSTM", n, loop)
+    return Cell(init, _projector(name, dtype, param_dtype), recur,
+                _zeros(2, n, LSTMCarry), _in_features, name, n, loop)
 
 
 # ----------------------------------------------------------------------------- the LSTM's loop
@@ -382,28 +389,29 @@ def _lstm_loop_jvp(reverse, unroll, primals, tangents):
     return (ys, h, c), (dys, dh, dc)
 
 
-def GRU(hidden_size: int, *,
-        w_i_init: Initializer = initializers.lecun_normal(),
-        w_h_init: Initializer = initializers.orthogonal(),
-        b_init: Initializer = initializers.zeros,
-        param_dtype: Any = jnp.float32, dtype: Any = None) -> Cell:
+def GRUCell(features: int, *,
+            w_i_init: Initializer = initializers.lecun_normal(),
+            w_h_init: Initializer = initializers.orthogonal(),
+            b_init: Initializer = initializers.zeros,
+            param_dtype: Any = jnp.float32, dtype: Any = None) -> Cell:
     """The gated recurrent unit in PyTorch's formulation, a :class:`Cell` for :func:`RNN`.
 
-    Shapes: ``x_t: [..., in_features] -> h: [..., hidden_size]``; carry ``RNNCarry(h)``;
-    params ``{"w_i": [in_features, 3 * hidden_size], "w_h": [hidden_size, 3 * hidden_size],
-    "b": [3 * hidden_size], "b_hn": [hidden_size]}``, gates ordered r, z, n; ``b_hn`` is the
-    bias of the recurrent candidate term, inside the reset gate (see the module docstring).
+    Shapes: ``x_t: [..., in_features] -> h: [..., features]``; carry ``RNNCarry(h)``; params
+    ``{"w_i": [in_features, 3 * features], "w_h": [features, 3 * features],
+    "b": [3 * features], "b_hn": [features]}``, gates ordered r, z, n; ``b_hn`` is the bias of
+    the recurrent candidate term, inside the reset gate (see the module docstring).
 
     >>> import jax, jax.numpy as jnp
-    >>> params = GRU(4).init(jax.random.key(0), jnp.zeros((2, 3)))
+    >>> params = GRUCell(4).init(jax.random.key(0), jnp.zeros((2, 3)))
     >>> jax.tree.map(jnp.shape, params)
     {'b': (12,), 'b_hn': (4,), 'w_h': (4, 12), 'w_i': (3, 12)}
     """
-    check_positive("GRU", hidden_size=hidden_size)
-    n = hidden_size
+    name = "GRUCell"
+    check_positive(name, features=features)
+    n = features
 
     def init(key, x):
-        params = _init_weights("GRU", key, x, n, 3, w_i_init, w_h_init, b_init, param_dtype)
+        params = _init_weights(name, key, x, n, 3, w_i_init, w_h_init, b_init, param_dtype)
         params["b_hn"] = b_init(jax.random.fold_in(key, 3), (n,), param_dtype)
         return params
 
@@ -419,35 +427,21 @@ def GRU(hidden_size: int, *,
         h = (1 - z) * cand + z * h
         return RNNCarry(h), h
 
-    return Cell(init, _projector("GRU", dtype, param_dtype), recur,
-                _zeros(1, n, RNNCarry), _in_features, "GRU", n)
+    return Cell(init, _projector(name, dtype, param_dtype), recur,
+                _zeros(1, n, RNNCarry), _in_features, name, n)
 
 
 # ============================================================================= the time loop
 
-def _split_input(name: str, x: Any) -> tuple[Any, Any, bool]:
-    """``x`` or ``(x, lengths)`` -> ``(x, lengths or None, given_as_tuple)``."""
-    if isinstance(x, (tuple, list)):
-        if len(x) != 2:
-            raise LayerError(f"{where(name)}: expected input x [..., time, features] or a tuple "
-                             f"(x, lengths), got a {type(x).__name__} of {len(x)} items")
-        return x[0], x[1], True
-    return x, None, False
-
-
-def _check_sequence(name: str, x: Any, lengths: Any, in_features: int | None) -> None:
+def _sequence(name: str, x: Any, in_features: int | None) -> tuple[jax.Array, jax.Array | None]:
+    """The array ``[..., time, in_features]`` of ``x`` (an array or a ``Seq``) and its lengths
+    (``None`` without), checked."""
+    h = array_of(x)
     expected = f"[..., time, {'in_features' if in_features is None else in_features}]"
-    if not hasattr(x, "shape") or len(x.shape) < 2:
+    if (isinstance(h, Seq) or not hasattr(h, "shape") or len(h.shape) < 2
+            or (in_features is not None and h.shape[-1] != in_features)):
         raise shape_error(name, expected, x)
-    if in_features is not None and x.shape[-1] != in_features:
-        raise shape_error(name, expected, x)
-    if lengths is not None:
-        batch = tuple(x.shape[:-2])
-        if (not hasattr(lengths, "shape") or tuple(lengths.shape) != batch
-                or not jnp.issubdtype(lengths.dtype, jnp.integer)):
-            raise ShapeError(f"{where(name)}: expected lengths int[{', '.join(map(str, batch))}] "
-                             f"(the batch axes of the input {describe(x)}), got "
-                             f"{describe(lengths)}")
+    return h, seq_lengths(name, x)
 
 
 def _expand(mask: jax.Array, ndim: int) -> jax.Array:
@@ -462,16 +456,15 @@ def _check_unroll(name: str, unroll: Any) -> None:
 
 def _run(cell: Cell, params: Params, x: jax.Array, lengths: jax.Array | None, *, reverse: bool,
          unroll: int | bool) -> tuple[jax.Array, Carry]:
-    """Runs ``cell`` over ``x: [..., time, in]``; returns outputs ``[..., time, hidden]`` and the
-    final carry."""
+    """Runs ``cell`` over ``x: [..., time, in]``; returns outputs ``[..., time, features]`` and
+    the final carry."""
     x = jnp.moveaxis(x, -2, 0)  # time-major for the loop: [time, ..., in]
     steps = x.shape[0]
     # Step t only counts where t < length: past its end a sequence keeps its carry and
     # outputs zeros. In reverse the scan runs t = time-1 .. 0, so each sequence keeps the
     # initial carry through its padding and starts at its own last valid element.
     mask = None if lengths is None else (
-        _expand(jnp.arange(steps, dtype=jnp.int32), lengths.ndim + 1)
-        < lengths.astype(jnp.int32)[None])  # bool[time, ...]
+        _expand(jnp.arange(steps, dtype=jnp.int32), lengths.ndim + 1) < lengths[None])
     if cell.loop is not None:
         ys, carry = cell.loop(params, x, mask, reverse, unroll)
         return jnp.moveaxis(ys, 0, -2), carry
@@ -493,60 +486,102 @@ def _run(cell: Cell, params: Params, x: jax.Array, lengths: jax.Array | None, *,
     return jnp.moveaxis(ys, 0, -2), carry
 
 
+def _layer_name(cell: Cell) -> str:
+    """``"LSTM"`` for an ``LSTMCell``: the name of the layer that runs the cell."""
+    return cell.name.removesuffix("Cell") or "RNN"
+
+
 def RNN(cell: Cell, *, reverse: bool = False, unroll: int | bool = 1,
         return_carry: bool = False) -> Layer:
-    """Runs a recurrent ``cell`` (:func:`LSTM`, :func:`GRU`, :func:`SimpleRNN`, or any
-    :class:`Cell`) over a sequence with one ``lax.scan``.
+    """Runs a recurrent ``cell`` (:func:`LSTMCell`, :func:`GRUCell`, :func:`SimpleRNNCell`, or
+    any :class:`Cell`) over a sequence with one ``lax.scan``.
 
-    Shapes: ``x: [..., time, in_features] -> [..., time, hidden_size]``, every output step
+    Shapes: ``x: [..., time, in_features] -> [..., time, features]``, every output step
     (any number of leading batch axes, none included). Params are the cell's own, e.g.
     ``{"w_i", "w_h", "b"}`` for an LSTM; no state. The input projection of all steps is one
     matrix product before the scan; only ``h @ w_h`` runs in the loop.
 
     - ``reverse=True`` runs from the last step to the first; outputs keep the input's order.
     - ``unroll``: steps per scan iteration (``lax.scan``'s ``unroll``); same results.
-    - Lengths: pass ``(x, lengths)`` with ``lengths: int[...]`` (the batch axes). Past each
-      sequence's end the carry stops updating and the outputs are zero; the final carry is the
-      one at the sequence's end. In reverse, each sequence runs from its own last valid step
-      back to its first (the padding stays at the end). A tuple input gives a tuple output
-      ``(outputs, lengths)``, so ``fnn.serial(RNN(LSTM(64)), RNN(LSTM(64)))`` stacks with or
-      without lengths.
-    - ``return_carry=True`` returns ``(y, carry)``, ``y`` being what is returned otherwise
-      (``outputs`` or ``(outputs, lengths)``) and ``carry`` the final carry
-      (e.g. ``LSTMCarry(h, c)``, each ``[..., hidden_size]``; for ``reverse`` the carry after
-      the first step).
+    - Lengths: give a ``Seq(x, lengths=...)`` with ``lengths: int[...]`` (the batch axes). Past
+      each sequence's end the carry stops updating and the outputs are zero; the final carry is
+      the one at the sequence's end. In reverse, each sequence runs from its own last valid
+      step back to its first (the padding stays at the end). A ``Seq`` input gives a ``Seq``
+      output, so ``serial(LSTM(64), Dropout(0.2), LSTM(64))`` stacks with or without lengths.
+    - ``return_carry=True`` returns ``(y, carry)``, ``y`` being what is returned otherwise and
+      ``carry`` the final carry (e.g. ``LSTMCarry(h, c)``, each ``[..., features]``; for
+      ``reverse`` the carry after the first step).
 
     >>> import jax, jax.numpy as jnp
-    >>> layer = RNN(LSTM(4))
+    >>> from fnn.core import Seq
+    >>> layer = RNN(LSTMCell(4))
     >>> x = jnp.zeros((2, 7, 3))
     >>> params, state = layer.init(jax.random.key(0), x)
     >>> jax.tree.map(jnp.shape, params)
     {'b': (16,), 'w_h': (4, 16), 'w_i': (3, 16)}
-    >>> y, state = layer.apply(params, state, (x, jnp.array([7, 3])))
-    >>> y[0].shape, y[1].tolist()
+    >>> y, state = layer.apply(params, state, Seq(x, lengths=jnp.array([7, 3])))
+    >>> y.x.shape, y.lengths.tolist()
     ((2, 7, 4), [7, 3])
     """
+    if isinstance(cell, Layer) and getattr(cell.apply, "runs_cell", False):
+        raise TypeError(f"RNN: cell must be a Cell (LSTMCell(64), GRUCell(64), "
+                        f"SimpleRNNCell(64), ...); {cell.name} is already a layer that runs a "
+                        f"cell over time: use it as it is")
+    if isinstance(cell, Layer):
+        raise TypeError(f"RNN: cell must be a Cell (LSTMCell(64), GRUCell(64), "
+                        f"SimpleRNNCell(64), ...), got the layer {cell.name}")
     if not isinstance(cell, Cell):
-        raise TypeError(f"RNN: cell must be a Cell (LSTM(64), GRU(64), SimpleRNN(64), ...), got "
-                        f"{type(cell).__name__}")
-    name = cell.name
+        raise TypeError(f"RNN: cell must be a Cell (LSTMCell(64), GRUCell(64), "
+                        f"SimpleRNNCell(64), ...), got {type(cell).__name__}")
+    name = _layer_name(cell)
     _check_unroll(name, unroll)
 
     def init(key, x):
-        x, lengths, _ = _split_input(name, x)
-        _check_sequence(name, x, lengths, None)
-        return cell.init(key, x), {}
+        h, _ = _sequence(name, x, None)
+        return cell.init(key, h), {}
 
     def apply(params, state, x, *, key=None, train=False):
-        x, lengths, packed = _split_input(name, x)
-        if lengths is not None:
-            lengths = jnp.asarray(lengths)
-        _check_sequence(name, x, lengths, cell.in_features(params))
-        outputs, carry = _run(cell, params, x, lengths, reverse=reverse, unroll=unroll)
-        y = (outputs, lengths) if packed else outputs
+        h, lengths = _sequence(name, x, cell.in_features(params))
+        outputs, carry = _run(cell, params, h, lengths, reverse=reverse, unroll=unroll)
+        y = x.with_x(outputs) if isinstance(x, Seq) else outputs
         return ((y, carry) if return_carry else y), state
 
+    apply.runs_cell = True  # so that RNN(LSTM(64)) is told it is already a layer
     return Layer(init, apply, name)
+
+
+def SimpleRNN(features: int, *, reverse: bool = False, unroll: int | bool = 1,
+              return_carry: bool = False, **cell_options: Any) -> Layer:
+    """``RNN(SimpleRNNCell(features, **cell_options), reverse=..., unroll=...,
+    return_carry=...)``: an Elman RNN layer. ``x: [..., time, in_features] -> [..., time,
+    features]``; params ``{"w_i", "w_h", "b"}`` (see :func:`SimpleRNNCell` and :func:`RNN`)."""
+    return RNN(SimpleRNNCell(features, **cell_options), reverse=reverse, unroll=unroll,
+               return_carry=return_carry)
+
+
+def LSTM(features: int, *, reverse: bool = False, unroll: int | bool = 1,
+         return_carry: bool = False, **cell_options: Any) -> Layer:
+    """``RNN(LSTMCell(features, **cell_options), reverse=..., unroll=..., return_carry=...)``:
+    an LSTM layer. ``x: [..., time, in_features] -> [..., time, features]``; params
+    ``{"w_i", "w_h", "b"}`` (see :func:`LSTMCell` and :func:`RNN`).
+
+    >>> import jax, jax.numpy as jnp
+    >>> layer = LSTM(4)
+    >>> params, state = layer.init(jax.random.key(0), jnp.zeros((2, 7, 3)))
+    >>> layer.apply(params, state, jnp.zeros((2, 7, 3)))[0].shape
+    (2, 7, 4)
+    """
+    return RNN(LSTMCell(features, **cell_options), reverse=reverse, unroll=unroll,
+               return_carry=return_carry)
+
+
+def GRU(features: int, *, reverse: bool = False, unroll: int | bool = 1,
+        return_carry: bool = False, **cell_options: Any) -> Layer:
+    """``RNN(GRUCell(features, **cell_options), reverse=..., unroll=..., return_carry=...)``:
+    a GRU layer. ``x: [..., time, in_features] -> [..., time, features]``; params
+    ``{"w_i", "w_h", "b", "b_hn"}`` (see :func:`GRUCell` and :func:`RNN`)."""
+    return RNN(GRUCell(features, **cell_options), reverse=reverse, unroll=unroll,
+               return_carry=return_carry)
 
 
 def Bidirectional(forward_cell: Cell, backward_cell: Cell | None = None, *,
@@ -555,18 +590,18 @@ def Bidirectional(forward_cell: Cell, backward_cell: Cell | None = None, *,
     """Runs ``RNN(forward_cell)`` and ``RNN(backward_cell, reverse=True)`` on the same sequence
     and combines their outputs.
 
-    Shapes: ``x: [..., time, in_features] -> [..., time, 2 * hidden_size]`` for
-    ``combine="concat"`` (forward first); ``"add"`` gives ``[..., time, hidden_size]``,
+    Shapes: ``x: [..., time, in_features] -> [..., time, 2 * features]`` for
+    ``combine="concat"`` (forward first); ``"add"`` gives ``[..., time, features]``,
     ``"tuple"`` the pair ``(forward, backward)``, and a function ``combine((forward, backward))``
     anything. ``backward_cell`` defaults to a cell like ``forward_cell`` (with its own params).
     Params: ``{"forward": ..., "backward": ...}``, each the cell's params.
 
-    Lengths are taken as by :func:`RNN`: ``(x, lengths)`` in gives ``(y, lengths)`` out, and the
-    backward direction starts at each sequence's own last valid step. ``return_carry=True``
-    returns ``(y, (forward_carry, backward_carry))``.
+    A ``Seq`` with lengths is taken as by :func:`RNN` (the backward direction starts at each
+    sequence's own last valid step) and gives a ``Seq``. ``return_carry=True`` returns
+    ``(y, (forward_carry, backward_carry))``.
 
     >>> import jax, jax.numpy as jnp
-    >>> layer = Bidirectional(GRU(4))
+    >>> layer = Bidirectional(GRUCell(4))
     >>> params, state = layer.init(jax.random.key(0), jnp.zeros((2, 7, 3)))
     >>> sorted(params), layer.apply(params, state, jnp.zeros((2, 7, 3)))[0].shape
     (['backward', 'forward'], (2, 7, 8))
@@ -574,29 +609,27 @@ def Bidirectional(forward_cell: Cell, backward_cell: Cell | None = None, *,
     backward_cell = forward_cell if backward_cell is None else backward_cell
     for which, cell in (("forward_cell", forward_cell), ("backward_cell", backward_cell)):
         if not isinstance(cell, Cell):
-            raise TypeError(f"Bidirectional: {which} must be a Cell (LSTM(64), GRU(64), ...), not "
-                            f"a layer; got {type(cell).__name__}")
+            raise TypeError(f"Bidirectional: {which} must be a Cell (LSTMCell(64), "
+                            f"GRUCell(64), ...), not a layer; got "
+                            f"{getattr(cell, 'name', type(cell).__name__)}")
     combine_fn = combiner("Bidirectional", combine)
-    children = [("forward", RNN(forward_cell, unroll=unroll, return_carry=True)),
-                ("backward", RNN(backward_cell, reverse=True, unroll=unroll, return_carry=True))]
+    directions = Children("Bidirectional", {
+        "forward": RNN(forward_cell, unroll=unroll, return_carry=True),
+        "backward": RNN(backward_cell, reverse=True, unroll=unroll, return_carry=True)})
 
     def init(key, x):
-        _split_input("Bidirectional", x)
-        params = {}
-        for i, (child_name, child) in enumerate(children):
-            p, _, _ = init_child(child_name, child, jax.random.fold_in(key, i), x)
-            put(params, child_name, p)
-        return params, {}
+        child = directions.initializer(key)
+        for direction in directions.layers:
+            child(direction, x)
+        return child.params, {}
 
     def apply(params, state, x, *, key=None, train=False):
-        _, lengths, packed = _split_input("Bidirectional", x)
-        outputs, carries = [], []
-        for child_name, child in children:
-            (y, carry), _ = apply_child(child_name, child, params, {}, x, key=None, train=train)
-            outputs.append(y[0] if packed else y)
-            carries.append(carry)
-        y = combine_fn(tuple(outputs))
-        y = (y, jnp.asarray(lengths)) if packed else y
-        return ((y, tuple(carries)) if return_carry else y), state
+        child = directions.runner(params, {}, None, train)
+        (forward, forward_carry), (backward, backward_carry) = (
+            child(direction, x) for direction in directions.layers)
+        y = combine_fn((array_of(forward), array_of(backward)))
+        y = x.with_x(y) if isinstance(x, Seq) else y
+        return ((y, (forward_carry, backward_carry)) if return_carry else y), state
 
+    apply.runs_cell = True
     return Layer(init, apply, "Bidirectional")

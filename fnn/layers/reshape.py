@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import math
 
-from fnn.core import Layer, shape_error
+from fnn.core import Layer, Seq, shape_error
 
 
 def _split_at(name: str, x, start_axis: int, expected: str) -> int:
+    if isinstance(x, Seq) or not hasattr(x, "ndim"):  # a Seq's time axis must not be flattened
+        raise shape_error(name, expected, x)
     ndim = x.ndim
     start = start_axis + ndim if start_axis < 0 else start_axis
     if not 0 <= start <= ndim:
@@ -62,6 +64,7 @@ def Reshape(shape: tuple[int, ...], start_axis: int = 1) -> Layer:
         return {}, {}
 
     def apply(params, state, x, *, key=None, train=False):
-        return x.reshape(target(x)), state
+        shape = target(x)  # checks x first (a Seq has no .reshape)
+        return x.reshape(shape), state
 
     return Layer(init, apply, "Reshape")

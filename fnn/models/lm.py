@@ -31,13 +31,15 @@ from jax import lax
 from jax.nn import initializers
 
 from fnn.combinators import repeat, serial
-from fnn.core import (Layer, LayerError, apply_child, check_positive, check_train,
-                      child_key, init_child, put, shape_error)
-from fnn.layers import (LSTM, RNN, Dense, DecoderBlock, Dropout, Embedding, LayerNorm,
-                        LearnedPositionEmbedding, attend, init_block_cache)
+from fnn.core import (Children, Layer, LayerError, Seq, array_of, check_positive, map_array,
+                      shape_error)
+from fnn.layers import (LSTM, Dense, DecoderBlock, Dropout, Embedding, LearnedPositionEmbedding,
+                        LSTMCell, attend, init_block_cache)
+from fnn.layers.transformer import make_norm
 
 
 def _check_ids(name: str, ids: Any, min_rank: int = 1) -> None:
+    ids = array_of(ids)
     if (not hasattr(ids, "dtype") or not jnp.issubdtype(ids.dtype, jnp.integer)
             or len(ids.shape) < min_rank):
         raise shape_error(name, "integer ids int[..., time]", ids)
@@ -45,31 +47,31 @@ def _check_ids(name: str, ids: Any, min_rank: int = 1) -> None:
 
 # ============================================================================= CharLSTM
 
-def CharLSTM(vocab_size: int, *, embed: int = 64, hidden: int = 256,
+def CharLSTM(vocab_size: int, *, embedding_features: int = 64, features: int = 256,
              num_layers: int = 1) -> Layer:
-    """A recurrent language model: ``Embedding -> RNN(LSTM) x num_layers -> Dense``.
-    ``ids: int[..., time] -> logits [..., time, vocab_size]``.
+    """A recurrent language model: ``Embedding -> LSTM x num_layers -> Dense``.
+    ``ids: int[..., time] -> logits [..., time, vocab_size]`` (a ``Seq`` of ids with lengths
+    gives a ``Seq`` of logits, which the losses average over the valid positions).
 
-    Params: ``{"embed": {"table": [vocab_size, embed]}, "lstm1": {"w_i", "w_h", "b"}, ...,
-    "lstm{num_layers}": ..., "head": {"w": [hidden, vocab_size], "b"}}``.
+    Params: ``{"embed": {"table": [vocab_size, embedding_features]}, "lstm1": {"w_i", "w_h",
+    "b"}, ..., "lstm{num_layers}": ..., "head": {"w": [features, vocab_size], "b"}}``.
 
     Decode mode: with ``state = init_lstm_carry(params, batch_shape)``, ``apply`` continues
     every layer from the carries in the state and returns them updated; :func:`generate` uses
     it.
 
     >>> import jax, jax.numpy as jnp
-    >>> model = CharLSTM(10, embed=4, hidden=8)
+    >>> model = CharLSTM(10, embedding_features=4, features=8)
     >>> params, state = model.init(jax.random.key(0), jnp.zeros((2, 5), jnp.int32))
     >>> sorted(params), model.apply(params, state, jnp.zeros((2, 5), jnp.int32))[0].shape
     (['embed', 'head', 'lstm1'], (2, 5, 10))
     """
-    check_positive("CharLSTM", vocab_size=vocab_size, embed=embed, hidden=hidden,
-                   num_layers=num_layers)
-    embedding = Embedding(vocab_size, embed)
-    cells = {f"lstm{i}": LSTM(hidden) for i in range(1, num_layers + 1)}
+    check_positive("CharLSTM", vocab_size=vocab_size, embedding_features=embedding_features,
+                   features=features, num_layers=num_layers)
+    embedding = Embedding(vocab_size, embedding_features)
+    cells = {f"lstm{i}": LSTMCell(features) for i in range(1, num_layers + 1)}
     head = Dense(vocab_size)
-    model = serial(embed=embedding, **{name: RNN(cell) for name, cell in cells.items()},
-                   head=head)
+    model = serial(embed=embedding, **{name: LSTM(features) for name in cells}, head=head)
 
     def apply(params, state, ids, *, key=None, train=False):
         if "carry" not in state:
@@ -87,7 +89,7 @@ def CharLSTM(vocab_size: int, *, embed: int = 64, hidden: int = 256,
 
 def _continue(cell, params, carry, h: jax.Array):
     """Runs ``cell`` over ``h: [..., time, features]`` from ``carry``; returns the last carry
-    (in the dtypes it came in) and the outputs ``[..., time, hidden]``."""
+    (in the dtypes it came in) and the outputs ``[..., time, features]``."""
 
     def step(c, x):
         new, y = cell.step(params, c, x)
@@ -100,13 +102,14 @@ def _continue(cell, params, carry, h: jax.Array):
 def init_lstm_carry(params: dict, batch_shape: int | tuple[int, ...],
                     dtype: Any = jnp.float32) -> dict:
     """The decode-mode state of a :func:`CharLSTM`: zero carries for ``batch_shape`` sequences,
-    ``{"carry": {"lstm1": LSTMCarry(h, c), ...}}``, each ``[*batch_shape, hidden]``."""
+    ``{"carry": {"lstm1": LSTMCarry(h, c), ...}}``, each ``[*batch_shape, features]``."""
     layers = sorted(name for name in params if name.startswith("lstm"))
     if not layers:
         raise LayerError(f"init_lstm_carry: expected the params of a CharLSTM, got entries "
                          f"{sorted(params)}")
     batch_shape = (batch_shape,) if isinstance(batch_shape, int) else tuple(batch_shape)
-    return {"carry": {name: LSTM(params[name]["w_h"].shape[0]).initial_carry(batch_shape, dtype)
+    return {"carry": {name: LSTMCell(params[name]["w_h"].shape[0]).initial_carry(batch_shape,
+                                                                                 dtype)
                       for name in layers}}
 
 
@@ -124,20 +127,24 @@ def _decode_index(state: dict) -> jax.Array | None:
     return index[0]  # one cache per block, all at the same index
 
 
-def GPT(vocab_size: int, *, d_model: int = 256, num_heads: int = 4, num_layers: int = 4,
-        mlp: int = 1024, max_length: int = 128, dropout: float = 0.0,
-        tie_embeddings: bool = False) -> Layer:
+def GPT(vocab_size: int, *, features: int = 256, num_heads: int = 4, num_layers: int = 4,
+        hidden_features: int = 1024, max_length: int = 128, dropout: float = 0.0,
+        tie_embeddings: bool = False, activation: str = "gelu", norm: str = "layer",
+        norm_epsilon: float | None = None, use_bias: bool = True) -> Layer:
     """A decoder-only pre-norm transformer (GPT-2's layout)::
 
         h = dropout(embed(ids) + position[0:time])
-        h = repeat(DecoderBlock(num_heads, mlp, dropout=dropout), num_layers)(h)   # causal
-        logits = head(LayerNorm(h))         # head: Dense, or embed.table.T when tied
+        h = repeat(DecoderBlock(num_heads, hidden_features, ...), num_layers)(h)   # causal
+        logits = head(norm(h))         # head: Dense, or embed.table.T when tied
 
-    ``ids: int[..., time] -> logits [..., time, vocab_size]`` with ``time <= max_length``.
+    ``ids: int[..., time] -> logits [..., time, vocab_size]`` with ``time <= max_length`` (a
+    ``Seq`` of ids with lengths gives a ``Seq`` of logits). The block's options are the
+    model's: ``activation`` (``"gelu"``; GPT-2 itself uses ``"gelu_tanh"``), ``norm``
+    (``"layer"`` or ``"rms"``) and ``norm_epsilon`` (also the final norm's), ``use_bias``.
 
-    Params: ``{"embed": {"table": [vocab_size, d_model]}, "position": {"table": [max_length,
-    d_model]}, "blocks": {"layers": DecoderBlock params stacked [num_layers, ...]}, "norm":
-    {"scale", "bias"}, "head": {"w": [d_model, vocab_size], "b"}}``; no ``"head"`` with
+    Params: ``{"embed": {"table": [vocab_size, features]}, "position": {"table": [max_length,
+    features]}, "blocks": {"layers": DecoderBlock params stacked [num_layers, ...]}, "norm":
+    {"scale", "b"}, "head": {"w": [features, vocab_size], "b"}}``; no ``"head"`` with
     ``tie_embeddings`` (the logits are ``h @ embed.table.T``). Both embedding tables start
     from a normal with stddev 0.02. The blocks run in one ``lax.scan`` (compile time flat in
     ``num_layers``). ``dropout`` (embeddings, residual branches, feed-forward) needs ``key=`` in
@@ -148,75 +155,55 @@ def GPT(vocab_size: int, *, d_model: int = 256, num_heads: int = 4, num_layers: 
     positions ``index, index + 1, ...`` and returns the updated cache; :func:`generate` uses it.
 
     >>> import jax, jax.numpy as jnp
-    >>> model = GPT(10, d_model=8, num_heads=2, num_layers=2, mlp=16, max_length=6)
+    >>> model = GPT(10, features=8, num_heads=2, num_layers=2, hidden_features=16,
+    ...             max_length=6)
     >>> params, state = model.init(jax.random.key(0), jnp.zeros((2, 5), jnp.int32))
     >>> sorted(params), model.apply(params, state, jnp.zeros((2, 5), jnp.int32))[0].shape
     (['blocks', 'embed', 'head', 'norm', 'position'], (2, 5, 10))
     """
     name = "GPT"
-    check_positive(name, vocab_size=vocab_size, d_model=d_model, num_heads=num_heads,
-                   num_layers=num_layers, mlp=mlp, max_length=max_length)
-    if d_model % num_heads:
-        raise ValueError(f"{name}: d_model must be a multiple of num_heads, got d_model="
-                         f"{d_model}, num_heads={num_heads}")
-    embedding = Embedding(vocab_size, d_model, table_init=initializers.normal(stddev=0.02))
-    position = LearnedPositionEmbedding(max_length)
-    drop = Dropout(dropout)
-    blocks = repeat(DecoderBlock(num_heads, mlp, dropout=dropout), num_layers)
-    norm = LayerNorm()
-    head = None if tie_embeddings else Dense(vocab_size)
-    index = {"embed": 0, "position": 1, "drop": 2, "blocks": 3, "norm": 4, "head": 5}
+    check_positive(name, vocab_size=vocab_size, features=features, num_heads=num_heads,
+                   num_layers=num_layers, hidden_features=hidden_features,
+                   max_length=max_length)
+    if features % num_heads:
+        raise ValueError(f"{name}: features must be a multiple of num_heads, got features="
+                         f"{features}, num_heads={num_heads}")
+    block = DecoderBlock(num_heads, hidden_features, dropout=dropout, activation=activation,
+                         norm=norm, norm_epsilon=norm_epsilon, use_bias=use_bias)
+    parts = Children(name, {
+        "embed": Embedding(vocab_size, features, table_init=initializers.normal(stddev=0.02)),
+        "position": LearnedPositionEmbedding(max_length),
+        "drop": Dropout(dropout),
+        "blocks": repeat(block, num_layers),
+        "norm": make_norm(name, norm, norm_epsilon),
+    } | ({} if tie_embeddings else {"head": Dense(vocab_size)}))
 
     def check(ids):
         _check_ids(name, ids)
-        if ids.shape[-1] > max_length:
+        if array_of(ids).shape[-1] > max_length:
             raise shape_error(name, f"int[..., time] with time <= max_length={max_length}", ids)
 
     def init(key, ids):
         check(ids)
-        params, state = {}, {}
-
-        def sub(child_name, child, x):
-            p, s, y = init_child(child_name, child, jax.random.fold_in(key, index[child_name]),
-                                 x)
-            put(params, child_name, p)
-            put(state, child_name, s)
-            return y
-
-        h = sub("blocks", blocks, sub("position", position, sub("embed", embedding, ids)))
-        h = sub("norm", norm, h)
-        if head is not None:
-            sub("head", head, h)
-        return params, state
+        child = parts.initializer(key)
+        h = child("norm", child("blocks", child("position", child("embed", ids))))
+        if not tie_embeddings:
+            child("head", h)
+        return child.params, child.state
 
     def apply(params, state, ids, *, key=None, train=False):
-        check_train(train)
         check(ids)
         offset = _decode_index(state)
-
-        def sub(child_name, child, x, child_state=None):
-            y, s = apply_child(child_name, child, params,
-                               {} if child_state is None else {child_name: child_state}, x,
-                               key=child_key(key, index[child_name]), train=train)
-            return y, s
-
-        h, _ = sub("embed", embedding, ids)
-        if offset is not None:
-            positions = offset + jnp.arange(ids.shape[-1], dtype=jnp.int32)
-            h, _ = sub("position", position, (h, positions))
-        else:
-            h, _ = sub("position", position, h)
-        h, _ = sub("drop", drop, h)
-        h, blocks_state = sub("blocks", blocks, h, state.get("blocks"))
-        h, _ = sub("norm", norm, h)
-        if head is None:
-            logits = attend(params["embed"], h)
-        else:
-            logits, _ = sub("head", head, h)
-        new_state = {}
-        if offset is not None:
-            put(new_state, "blocks", blocks_state)
-        return logits, new_state
+        child = parts.runner(params, state, key, train)
+        h = child("embed", ids)
+        own_seq = offset is not None and not isinstance(h, Seq)
+        if offset is not None:  # decoding: the new tokens sit at the cache's index onwards
+            positions = offset + jnp.arange(array_of(ids).shape[-1], dtype=jnp.int32)
+            h = (Seq(h) if own_seq else h)._replace(positions=positions)
+        h = child("norm", child("blocks", child("drop", child("position", h))))
+        logits = (map_array(h, lambda a: attend(params["embed"], a)) if tie_embeddings
+                  else child("head", h))
+        return (logits.x if own_seq else logits), child.state
 
     return Layer(init, apply, name)
 

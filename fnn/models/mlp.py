@@ -9,11 +9,12 @@ from fnn.core import Layer, check_positive
 from fnn.layers import Dense, Dropout, Flatten, activation as activation_layer
 
 
-def MLP(hidden_sizes: Sequence[int], num_outputs: int, *, activation: str = "relu",
+def MLP(hidden_features: Sequence[int], out_features: int, *, activation: str = "relu",
         dropout: float = 0.0, flatten_axes: int = 0) -> Layer:
-    """``Dense -> activation [-> Dropout]`` per hidden size, then ``Dense(num_outputs)``.
+    """``Dense -> activation [-> Dropout]`` per entry of ``hidden_features``, then
+    ``Dense(out_features)``.
 
-    Shapes: ``x: [..., in_features] -> [..., num_outputs]``; with ``flatten_axes=k`` the last
+    Shapes: ``x: [..., in_features] -> [..., out_features]``; with ``flatten_axes=k`` the last
     ``k`` axes are flattened first (``flatten_axes=3`` takes images ``[..., H, W, C]``).
     Params: ``{"dense1": ..., "dense2": ..., "head": ...}``.
 
@@ -22,14 +23,14 @@ def MLP(hidden_sizes: Sequence[int], num_outputs: int, *, activation: str = "rel
     >>> jax.tree.map(jnp.shape, params)
     {'dense1': {'b': (32,), 'w': (64, 32)}, 'head': {'b': (10,), 'w': (32, 10)}}
     """
-    check_positive("MLP", hidden_sizes=tuple(hidden_sizes), num_outputs=num_outputs)
+    check_positive("MLP", hidden_features=tuple(hidden_features), out_features=out_features)
     layers: dict[str, Layer] = {}
     if flatten_axes:
         layers["flatten"] = Flatten(-flatten_axes)
-    for i, size in enumerate(hidden_sizes, start=1):
+    for i, size in enumerate(hidden_features, start=1):
         layers[f"dense{i}"] = Dense(size)
         layers[f"act{i}"] = activation_layer(activation)
         if dropout:
             layers[f"dropout{i}"] = Dropout(dropout)
-    layers["head"] = Dense(num_outputs)
-    return serial(**layers)
+    layers["head"] = Dense(out_features)
+    return serial(**layers)._replace(name="MLP")

@@ -13,7 +13,7 @@ from typing import Any, Sequence
 import jax
 
 from fnn.combinators import serial
-from fnn.core import Layer, LayerError, apply_child, child_key, check_positive, init_child, put, where
+from fnn.core import Children, Layer, LayerError, check_positive, where
 from fnn.layers import BatchNorm, Conv, Dense, GlobalAvgPool, MaxPool, Relu
 
 
@@ -30,36 +30,27 @@ def _conv_bn(features: int, kernel: int, strides: int, norm: dict[str, Any], rel
 def _block(name: str, body: dict[str, Layer], shortcut: Layer | None) -> Layer:
     """``relu(body(x) + shortcut(x))`` with the body's layers named at the top of the params
     (``{"conv1", "bn1", ..., "shortcut"}``) and an identity shortcut when none is given."""
-    children = list(body.items()) + ([("shortcut", shortcut)] if shortcut is not None else [])
+    children = Children(name, body | ({} if shortcut is None else {"shortcut": shortcut}))
 
     def init(key, x):
-        params, state = {}, {}
+        child = children.initializer(key)
         h = x
-        for i, (child_name, child) in enumerate(children):
-            p, s, out = init_child(child_name, child, jax.random.fold_in(key, i),
-                                   x if child_name == "shortcut" else h)
-            if child_name != "shortcut":
-                h = out
-            put(params, child_name, p)
-            put(state, child_name, s)
-        return params, state
+        for child_name in body:
+            h = child(child_name, h)
+        if shortcut is not None:
+            child("shortcut", x)
+        return child.params, child.state
 
     def apply(params, state, x, *, key=None, train=False):
-        new_state = {}
-        h, skip = x, x
-        for i, (child_name, child) in enumerate(children):
-            out, s = apply_child(child_name, child, params, state,
-                                 x if child_name == "shortcut" else h, key=child_key(key, i),
-                                 train=train)
-            if child_name == "shortcut":
-                skip = out
-            else:
-                h = out
-            put(new_state, child_name, s)
+        child = children.runner(params, state, key, train)
+        h = x
+        for child_name in body:
+            h = child(child_name, h)
+        skip = x if shortcut is None else child("shortcut", x)
         if h.shape != skip.shape:
             raise LayerError(f"{where(name)}: the block's output {h.shape} does not match its "
                              f"shortcut's {skip.shape}")
-        return jax.nn.relu(h + skip), new_state
+        return jax.nn.relu(h + skip), child.state
 
     return Layer(init, apply, name)
 
@@ -98,41 +89,43 @@ def Bottleneck(features: int, *, strides: int = 1, project: bool = False,
 
 
 def ResNet(stage_sizes: Sequence[int] = (2, 2, 2, 2), *, block: str = "basic",
-           num_classes: int = 1000, width: int = 64, stem: str = "imagenet",
+           num_classes: int = 1000, features: int = 64, stem: str = "imagenet",
            axis_name: str | None = None, momentum: float = 0.9) -> Layer:
     """ResNet: a stem, stages of blocks (width doubling and stride 2 from the second stage on),
     global average pooling and a dense head.
 
-    Shapes: ``x: [..., H, W, C] -> [..., num_classes]``. ``stage_sizes`` gives the blocks per
-    stage: ``(2, 2, 2, 2)`` basic is ResNet-18, ``(3, 4, 6, 3)`` basic ResNet-34 and bottleneck
+    Shapes: ``x: [..., H, W, C] -> [..., num_classes]``. ``features`` is the first stage's
+    width (doubling from stage to stage). ``stage_sizes`` gives the blocks per stage:
+    ``(2, 2, 2, 2)`` basic is ResNet-18, ``(3, 4, 6, 3)`` basic ResNet-34 and bottleneck
     ResNet-50. ``stem="imagenet"`` is conv 7x7/2 + max-pool 3x3/2; ``stem="small"`` a single
     3x3 convolution, for small images (CIFAR, digits). ``axis_name`` makes every BatchNorm
     compute statistics across devices. Params: ``{"stem", "stage1": {"block1", ...}, ...,
     "head"}``.
     """
     check_positive("ResNet", stage_sizes=tuple(stage_sizes), num_classes=num_classes,
-                   width=width)
+                   features=features)
     if block not in ("basic", "bottleneck"):
         raise ValueError(f"ResNet: block must be 'basic' or 'bottleneck', got {block!r}")
     if stem not in ("imagenet", "small"):
         raise ValueError(f"ResNet: stem must be 'imagenet' or 'small', got {stem!r}")
     norm = {"momentum": momentum, "axis_name": axis_name}
     if stem == "imagenet":
-        stem_layer = serial(**_conv_bn(width, 7, 2, norm, relu=True),
+        stem_layer = serial(**_conv_bn(features, 7, 2, norm, relu=True),
                             pool=MaxPool((3, 3), strides=2, padding=1))
     else:
-        stem_layer = serial(**_conv_bn(width, 3, 1, norm, relu=True))
+        stem_layer = serial(**_conv_bn(features, 3, 1, norm, relu=True))
     make_block, expansion = (BasicBlock, 1) if block == "basic" else (Bottleneck, 4)
     stages: dict[str, Layer] = {"stem": stem_layer}
-    in_features = width
+    in_features = features
     for s, num_blocks in enumerate(stage_sizes):
-        features = width * 2 ** s
+        width = features * 2 ** s
         blocks = {}
         for b in range(num_blocks):
             strides = 2 if s > 0 and b == 0 else 1
-            project = strides != 1 or in_features != features * expansion
-            blocks[f"block{b + 1}"] = make_block(features, strides=strides, project=project,
+            project = strides != 1 or in_features != width * expansion
+            blocks[f"block{b + 1}"] = make_block(width, strides=strides, project=project,
                                                  norm=norm)
-            in_features = features * expansion
+            in_features = width * expansion
         stages[f"stage{s + 1}"] = serial(**blocks)
-    return serial(**stages, pool=GlobalAvgPool(-3), head=Dense(num_classes))
+    return serial(**stages, pool=GlobalAvgPool(-3), head=Dense(num_classes))._replace(
+        name="ResNet")

@@ -18,7 +18,6 @@ from fnn.train.parallel import data_parallel as data_parallel
 from fnn.train.parallel import replicate as replicate
 from fnn.train.parallel import shard_batch as shard_batch
 from fnn.train.parallel import unreplicate as unreplicate
-from fnn.train.plot import plot_history as plot_history
 from fnn.train.state import TrainState as TrainState
 from fnn.train.state import create_train_state as create_train_state
 from fnn.train.step import make_eval_step as make_eval_step
@@ -30,7 +29,7 @@ from fnn.train.tasks import language_model_task as language_model_task
 
 __all__ = ["TrainState", "create_train_state", "make_train_step", "make_eval_step",
            "train_step_fn", "fit", "train", "evaluate", "evaluate_batches",
-           "plot_history", "NonFiniteError", "Task", "classification_task",
+           "NonFiniteError", "Task", "classification_task",
            "language_model_task", "CheckpointError", "save_checkpoint", "restore_checkpoint",
            "list_steps", "latest_step", "find_nonfinite", "DATA_AXIS", "DataParallel",
            "data_parallel", "data_mesh", "replicate", "shard_batch", "unreplicate"]

@@ -12,7 +12,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fnn.core import Layer, Params, State, check_train, record_layers
+from fnn.core import Layer, Params, State, check_train
+from fnn.inspection import capture_intermediates, record_layers
 from fnn.train.step import Loss
 
 
@@ -58,6 +59,47 @@ def _completion_order(paths: list[str]) -> list[int]:
     return order + open_rows[::-1]
 
 
+def _bad_copy(value: Any) -> int:
+    """The first copy (index along the leading axis of a value stacked by ``repeat``) that is
+    not finite."""
+    bad = None
+    for leaf in jax.tree.leaves(value):
+        if hasattr(leaf, "dtype") and jnp.issubdtype(leaf.dtype, jnp.inexact):
+            finite = np.isfinite(np.asarray(leaf)).reshape(np.shape(leaf)[0], -1).all(axis=1)
+            if not finite.all():
+                index = int(np.argmin(finite))
+                bad = index if bad is None else min(bad, index)
+    return 0 if bad is None else bad
+
+
+def _first_bad_output(layers: dict[str, str], captured: dict[str, Any]) -> str | None:
+    """Names the layer whose output is the first non-finite one in forward order: in the order
+    the layers finish, with the layers inside a ``repeat`` ordered copy by copy (their outputs
+    are stacked over the copies)."""
+    paths = list(layers)  # each path once, in the order the calls started
+    repeats = [p for p in paths if layers[p] == "repeat"]
+    order = _completion_order(paths)
+    position = {paths[i]: n for n, i in enumerate(order)}
+    best = None
+    for path in (paths[i] for i in order):
+        value = captured.get(path)
+        bad = _first_bad(value) if value is not None and _is_concrete(value) else None
+        if bad is None:
+            continue
+        group = next((r for r in repeats if path.startswith(r + "/")), None)
+        if group is None:
+            key, where_in = (position[path], 0, position[path]), ""
+        else:
+            body = [p for p in paths if p.startswith(group + "/")]
+            copy, copies = _bad_copy(value), np.shape(jax.tree.leaves(value)[0])[0]
+            key = (min(position[p] for p in body), copy, position[path])
+            where_in = f" (in copy {copy + 1} of the {copies} of repeat at {group})"
+        if best is None or key < best[0]:
+            best = (key, f"the output of {layers[path]} at {path}{where_in} has {bad[1]}: the "
+                         f"first layer, in forward order, whose output is not finite")
+    return None if best is None else best[1]
+
+
 def _key_name(key: Any) -> str:
     """``"w"`` for the dict key ``['w']``, ``"0"`` for the sequence index ``[0]``."""
     for attr in ("key", "idx", "name"):
@@ -97,8 +139,8 @@ def find_nonfinite(model: Layer, params: Params, state: State, x: Any, y: Any, l
     3. each layer's output, in the order the layers finish (a layer before the combinator that
        contains it), so the first layer whose output is not finite is named although every
        layer after it is not finite either (``"the output of Lambda at encoder/1 has inf"``);
-       a layer applied inside a ``lax.scan`` or ``jax.checkpoint`` is seen through the layer
-       that contains it (``repeat``, ``RNN``, ``remat``); then the model's own output and the
+       layers inside ``repeat`` and ``remat`` are checked too (their outputs are captured as
+       values, see :func:`fnn.capture_intermediates`); then the model's own output and the
        updated state;
     4. the loss;
     5. the gradients of the params, in the order the backward pass makes them (the last layer
@@ -122,7 +164,8 @@ def find_nonfinite(model: Layer, params: Params, state: State, x: Any, y: Any, l
 
     try:
         with record_layers() as rows:
-            outputs, new_state = model.apply(params, state, x, key=key, train=train)
+            outputs, new_state, captured = capture_intermediates(model, params, state, x,
+                                                                 key=key, train=train)
     except NameError as e:
         # a layer that averages over devices (BatchNorm(axis_name=...)) has no device axis
         # outside pmap/shard_map; in evaluation mode it uses its running statistics instead
@@ -132,8 +175,8 @@ def find_nonfinite(model: Layer, params: Params, state: State, x: Any, y: Any, l
         return found and (f"{found} (found in evaluation mode: in training mode the model "
                           f"averages over a device axis, which does not exist outside pmap: {e})")
     layers: dict[str, str] = {}
-    for path, name, _, _ in rows:
-        layers.setdefault(path, name)
+    for row in rows:
+        layers.setdefault(row.path, row.name)
 
     for tree_name, tree, label in (("params", params, "the parameter"),
                                    ("state", state, "the state entry")):
@@ -141,12 +184,9 @@ def find_nonfinite(model: Layer, params: Params, state: State, x: Any, y: Any, l
         if bad is not None:
             return f"{label} {_leaf_name(tree_name, bad[0], layers, model.name)} has {bad[1]}"
 
-    for i in _completion_order([row[0] for row in rows]):
-        path, name, out, _ = rows[i]
-        bad = _first_bad(out) if _is_concrete(out) else None
-        if bad is not None:
-            return (f"the output of {name} at {path} has {bad[1]}: the first layer, in forward "
-                    f"order, whose output is not finite")
+    first = _first_bad_output(layers, captured)
+    if first is not None:
+        return first
     bad = _first_bad(outputs)
     if bad is not None:
         return f"the output of the model ({model.name}) has {bad[1]}"

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Mapping, NamedTuple, Sequence
 
 import jax
 import numpy as np
@@ -61,7 +61,7 @@ class _NoBar:
 def _progress_bar(total: int, initial: int, show: bool):
     if not show:
         return _NoBar()
-    from tqdm import tqdm
+    from tqdm.auto import tqdm
 
     return tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True)
 
@@ -99,6 +99,55 @@ def _local_rows(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return x[index * share:(index + 1) * share], y[index * share:(index + 1) * share]
 
 
+class _Start(NamedTuple):
+    """Where a run starts: the train state, the history so far, the running train means and
+    the seconds already spent (all from the latest checkpoint when resuming)."""
+
+    ts: TrainState
+    history: list[dict[str, Any]]
+    means: _TrainMeans
+    seconds: float
+
+
+def _start(model: Layer, optimizer, task: Task, seed: int, checkpoint_dir, resume: bool,
+           num_steps: int) -> _Start:
+    ts = create_train_state(model, optimizer, jax.random.key(seed), task.example)
+    if not (resume and checkpoint_dir is not None and latest_step(checkpoint_dir) is not None):
+        return _Start(ts, [], _TrainMeans(), 0.0)
+    ts, meta = restore_checkpoint(checkpoint_dir, ts)
+    history = list(meta["history"])
+    if int(ts.step) > num_steps:
+        raise ValueError(f"train: the checkpoint in {checkpoint_dir} is at step {int(ts.step)}, "
+                         f"past the run's {num_steps} steps")
+    return _Start(ts, history, _TrainMeans(meta["train_sums"], meta["train_count"]),
+                  history[-1]["seconds"] if history else 0.0)
+
+
+def _stop_if_stuck(model: Layer, loss: Loss, ts: TrainState, step: int, streak: int,
+                   max_bad_steps: int, batch) -> None:
+    """Raises :class:`NonFiniteError` after ``max_bad_steps`` skipped steps in a row, naming
+    the first non-finite layer on the last bad batch (``ts``: the state after it)."""
+    if streak < max_bad_steps:
+        return
+    x, y = batch
+    found = find_nonfinite(model, ts.params, ts.state, x, y, loss,
+                           key=jax.random.fold_in(ts.key, step))
+    raise NonFiniteError(
+        f"{streak} consecutive train steps (steps {step - streak + 1} to {step}) had a "
+        f"non-finite loss or gradient and were skipped, so the parameters are those of step "
+        f"{step - streak + 1}; stopping (max_bad_steps={max_bad_steps}). On the last bad "
+        f"batch: {found or 'the debug pass found every output and gradient finite'}")
+
+
+def _history_row(task: Task, done: int, means: _TrainMeans, held_out: Mapping[str, float],
+                 skipped: int, seconds: float) -> dict[str, Any]:
+    epochs, index = divmod(done, task.steps_per_epoch)
+    row = {"step": done, "epoch": epochs if index == 0 else round(done / task.steps_per_epoch, 4)}
+    row |= {f"train_{k}": v for k, v in means.means().items()}
+    row |= {f"{task.eval_name}_{k}": v for k, v in held_out.items()}
+    return row | {"skipped": skipped, "seconds": round(seconds, 3)}
+
+
 def train(model: Layer, optimizer: optax.GradientTransformation, loss: Loss, task: Task, *,
           num_steps: int, seed: int = 0, eval_every: int | None = None,
           parallel: str = "none", devices: Sequence[Any] | None = None,
@@ -127,84 +176,56 @@ def train(model: Layer, optimizer: optax.GradientTransformation, loss: Loss, tas
       layer whose output or gradient is not finite on the last bad batch.
 
     The same seed gives the same result: initialisation, shuffling and dropout all derive from
-    it.
+    it. Each step is dispatched before the previous step's metrics are read, so the host never
+    waits for the device between steps.
     """
     if not isinstance(num_steps, int) or num_steps <= 0:
         raise ValueError(f"train: num_steps must be a positive int, got {num_steps!r}")
-    eval_every = task.steps_per_epoch if eval_every is None else eval_every
     if max_bad_steps < 1:
         raise ValueError(f"train: max_bad_steps must be at least 1, got {max_bad_steps}")
+    eval_every = task.steps_per_epoch if eval_every is None else eval_every
     runner = data_parallel(model, optimizer, loss, task.metrics, mode=parallel, devices=devices)
-    ts = create_train_state(model, optimizer, jax.random.key(seed), task.example)
-    history: list[dict[str, Any]] = []
-    means = _TrainMeans()
-    seconds_before = 0.0
-    if resume and checkpoint_dir is not None and latest_step(checkpoint_dir) is not None:
-        ts, meta = restore_checkpoint(checkpoint_dir, ts)
-        history = list(meta["history"])
-        means = _TrainMeans(meta["train_sums"], meta["train_count"])
-        seconds_before = history[-1]["seconds"] if history else 0.0
-    start = int(ts.step)
-    if start > num_steps:
-        raise ValueError(f"train: the checkpoint in {checkpoint_dir} is at step {start}, past "
-                         f"the run's {num_steps} steps")
+    start = _start(model, optimizer, task, seed, checkpoint_dir, resume, num_steps)
+    history, means = start.history, start.means
     eval_step = make_eval_step(model, loss, task.metrics)
     writer = jax.process_index() == 0
-    bar = _progress_bar(num_steps, start, progress and writer)
+    bar = _progress_bar(num_steps, int(start.ts.step), progress and writer)
     clock = time.perf_counter()
 
-    def check_streak(step: int, m: Mapping[str, float], batch) -> None:
-        streak = int(m["bad_streak"])
-        if streak < max_bad_steps:
-            return
-        state = runner.get_state(pts)
-        x, y = batch
-        found = find_nonfinite(model, state.params, state.state, x, y, loss,
-                               key=jax.random.fold_in(state.key, step))
-        bar.close()
-        raise NonFiniteError(
-            f"{streak} consecutive train steps (steps {step - streak + 1} to {step}) had a "
-            f"non-finite loss or gradient and were skipped, so the parameters are those of step "
-            f"{step - streak + 1}; stopping (max_bad_steps={max_bad_steps}). On the last bad "
-            f"batch: {found or 'the debug pass found every output and gradient finite'}")
-
-    def read(pending) -> dict[str, float]:
-        """A dispatched step's metrics on the host: added to the means, the streak checked."""
-        done, m, batch = pending
+    def read(pts, means: _TrainMeans, done: int, m, batch) -> dict[str, float]:
+        """A dispatched step's metrics on the host: added to ``means``, the streak checked
+        (``pts``: the placed train state after the step). Reads nothing the loop rebinds."""
         metrics = {name: float(v) for name, v in jax.device_get(m).items()}
         means.add(metrics)
-        check_streak(done, metrics, batch)
+        try:
+            _stop_if_stuck(model, loss, runner.get_state(pts), done, int(metrics["bad_streak"]),
+                           max_bad_steps, batch)
+        except NonFiniteError:
+            bar.close()
+            raise
         return metrics
 
-    pts = runner.put_state(ts)
+    pts = runner.put_state(start.ts)
     state = None  # the train state as of the last history row or checkpoint
     pending = None  # the previous step's (step, metrics, batch): read after the next dispatch
-    for step in range(start, num_steps):
+    for step in range(int(start.ts.step), num_steps):
         batch = task.batch(step)
         pts, m = runner.step(pts, *runner.put_batch(*_local_rows(*batch)))
         if pending is not None:
-            read(pending)
-        pending = (step + 1, m, batch)
+            read(pts, means, *pending)
+        pending, done = (step + 1, m, batch), step + 1
         bar.update()
-        done = step + 1
-        last = done == num_steps
-        log_now = last or done % eval_every == 0
+        log_now = done == num_steps or done % eval_every == 0
         save_now = checkpoint_dir is not None and (
-            last or bool(checkpoint_every and done % checkpoint_every == 0))
+            done == num_steps or bool(checkpoint_every and done % checkpoint_every == 0))
         if not (log_now or save_now):
             continue
-        current, pending = read(pending), None
+        current, pending = read(pts, means, *pending), None
         state = runner.get_state(pts)
         if log_now:
-            held_out = evaluate_batches(eval_step, state.params, state.state,
-                                        task.eval_batches())
-            epochs, index = divmod(done, task.steps_per_epoch)
-            row = {"step": done, "epoch": epochs if index == 0 else
-                   round(done / task.steps_per_epoch, 4)}
-            row |= {f"train_{k}": v for k, v in means.means().items()}
-            row |= {f"{task.eval_name}_{k}": v for k, v in held_out.items()}
-            row["skipped"] = int(current["skipped"])
-            row["seconds"] = round(seconds_before + time.perf_counter() - clock, 3)
+            held_out = evaluate_batches(eval_step, state.params, state.state, task.eval_batches())
+            row = _history_row(task, done, means, held_out, int(current["skipped"]),
+                               start.seconds + time.perf_counter() - clock)
             history.append(row)
             means = _TrainMeans()
             bar.set_postfix({"loss": f"{row.get('train_loss') or float('nan'):.4f}"}

@@ -16,7 +16,7 @@ from fnn.data import batches, load_digits, load_text, sequence_batches
 from fnn.data.text import TextSplit, Vocab
 from fnn.losses import softmax_cross_entropy
 from fnn.models import MLP
-from fnn.train import NonFiniteError, classification_task, language_model_task, train
+from fnn.train import NonFiniteError, classification_task, fit, language_model_task, train
 from fnn.train.checkpoint import list_steps
 from fnn.train.parallel import DATA_AXIS
 
@@ -163,7 +163,8 @@ def test_language_model_training_lowers_validation_bits_per_char():
     text = load_text()
     short = text._replace(train=text.train[:40_000], valid=text.valid[:4_000])
     task = language_model_task(short, 16, 32, seed=0)
-    model = GPT(text.vocab.size, d_model=32, num_heads=2, num_layers=1, mlp=64, max_length=32)
+    model = GPT(text.vocab.size, features=32, num_heads=2, num_layers=1, hidden_features=64,
+                max_length=32)
     _, history = train(model, optax.adam(3e-3), softmax_cross_entropy, task, num_steps=60,
                        eval_every=20, progress=False)
     bits = [row["valid_bits_per_char"] for row in history]
@@ -185,3 +186,19 @@ def test_the_stop_names_the_cause_also_for_a_cross_device_batchnorm_under_pmap(d
     assert "2 consecutive train steps (steps 1 to 2)" in message
     assert "the output of Lambda at 2 has NaN" in message, message
     assert "evaluation mode" in message and "outside pmap" in message, message
+
+
+def test_fit_is_deterministic_and_learns():
+    data = load_digits()
+    small = data._replace(x_train=data.x_train[:512], y_train=data.y_train[:512])
+
+    def run():
+        return fit(MLP([64], 10, flatten_axes=3, dropout=0.1), optax.adam(3e-3), small,
+                   softmax_cross_entropy, epochs=5, batch_size=32, seed=7, progress=False)
+
+    ts1, history = run()
+    ts2, _ = run()
+    jax.tree.map(np.testing.assert_array_equal, ts1.params, ts2.params)
+    assert [row["epoch"] for row in history] == [1, 2, 3, 4, 5]
+    assert history[-1]["test_accuracy"] > 0.85
+    assert history[-1]["train_loss"] < history[0]["train_loss"]

@@ -6,7 +6,7 @@ import pytest
 
 import fnn
 from fnn.combinators import remat
-from fnn.core import record_layers
+from fnn.inspection import record_layers
 from fnn.losses import mean_squared_error, softmax_cross_entropy
 from fnn.train.debug import find_nonfinite
 
@@ -62,19 +62,22 @@ def test_layer_producing_inf_in_the_middle_is_named_by_its_path():
     assert "the first layer, in forward order, whose output is not finite" in message
 
 
-def test_non_finite_output_inside_a_traced_layer_is_named_by_the_enclosing_layer():
-    # layers inside jax.checkpoint (remat) and lax.scan (repeat) are seen through their container
+def test_non_finite_output_inside_remat_and_repeat_is_named_by_its_own_path_and_copy():
+    # layers inside jax.checkpoint (remat) and lax.scan (repeat) are captured as values
     model = fnn.serial(fnn.Dense(4), remat(fnn.serial(fnn.Dense(4), _divide_by_zero())),
                        fnn.Dense(3))
     params, state, x, y = _setup(model)
     message = find_nonfinite(model, params, state, x, y, softmax_cross_entropy)
-    assert message.startswith("the output of remat(serial) at 1 has "), message
+    assert message.startswith("the output of divide_by_zero at 1/1 has inf"), message
 
-    scale = fnn.Lambda(lambda x: x * 1e30, "scale")  # float32 overflows in the second copy
+    # float32 overflows in the second copy's scale; the third copy's Dense (which completes
+    # earlier in the body) is non-finite too, but runs later
+    scale = fnn.Lambda(lambda x: x * 1e30, "scale")
     model = fnn.serial(fnn.Dense(4), blocks=fnn.repeat(fnn.serial(fnn.Dense(4), scale), 3))
     params, state, x, y = _setup(model)
     message = find_nonfinite(model, params, state, x, y, softmax_cross_entropy)
-    assert message.startswith("the output of repeat at blocks has "), message
+    assert message.startswith("the output of scale at blocks/layers/1 (in copy 2 of the 3 of "
+                              "repeat at blocks) has "), message
 
 
 def test_nan_parameter_and_state_are_named_with_their_layer():
@@ -140,7 +143,7 @@ def test_record_layers_lists_every_child_parent_first():
     params, state, x, _ = _setup(model)
     with record_layers() as rows:
         y, _ = model.apply(params, state, x)
-    assert [(path, name) for path, name, _, _ in rows] == [
+    assert [(row.path, row.name) for row in rows] == [
         ("0", "Dense"), ("encoder", "serial"), ("encoder/0", "Dense"), ("encoder/1", "Relu")]
-    assert rows[-1][2] is y and rows[2][3] is params["encoder"]["0"]
-    assert fnn.core._RECORD.get() is None  # recording stops with the block
+    assert rows[-1].output is y and rows[2].params is params["encoder"]["0"]
+    assert fnn.core._OBSERVERS.get() == ()  # recording stops with the block

@@ -112,7 +112,8 @@ def test_policy_dtypes_of_params_outputs_and_gradients():
 def test_policy_computes_every_matmul_in_the_compute_dtype():
     x = jax.ShapeDtypeStruct((2, 8, 8, 1), jnp.float32)
     for name in ["bfloat16", "float16", "float32"]:
-        model = with_policy(fnn.models.LeNet(10, features=(4, 8), kernel_size=3, hidden=16),
+        model = with_policy(fnn.models.LeNet(10, features=(4, 8), kernel_size=3,
+                                             hidden_features=16),
                             Policy.parse(name))
         params, state = _specs(model, x)
 

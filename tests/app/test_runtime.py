@@ -1,4 +1,4 @@
-"""``fnn.runtime.tune_host_malloc``: after it, a freed large block is reused without faulting
+"""``fnn.app.runtime.tune_host_malloc``: after it, a freed large block is reused without faulting
 its pages in again. Each case runs in a subprocess, since the settings are the whole process's."""
 
 import json
@@ -7,14 +7,14 @@ import sys
 
 import pytest
 
-from fnn.runtime import _glibc_mallopt
+from fnn.app.runtime import _glibc_mallopt
 
 BLOCK_MIB = 64  # above glibc's largest default mmap threshold (32 MiB)
 PAGES = BLOCK_MIB * 256  # 4 KiB pages
 
 SCRIPT = f"""
 import ctypes, json, resource, sys
-from fnn.runtime import tune_host_malloc
+from fnn.app.runtime import tune_host_malloc
 if sys.argv[1] == "tuned":
     assert tune_host_malloc() is True and tune_host_malloc() is True  # idempotent
 libc = ctypes.CDLL(None)

@@ -15,7 +15,7 @@ A config has these sections (see ``configs/digits_cnn.yaml``)::
     precision: float32                     # or bfloat16 / float16: compute dtype, f32 params
     checkpoint: {every: null, keep: 3}     # save every N steps (and at the end); keep the last K
     max_bad_steps: 10                      # stop after this many non-finite steps in a row
-    host_malloc: default                   # or tuned: see fnn.runtime.tune_host_malloc
+    host_malloc: default                   # or tuned: see fnn.app.runtime.tune_host_malloc
 
 Every key is checked: an unknown or mistyped key raises :class:`ConfigError` naming it, where it
 is, and the closest valid key. Language models (``charlstm``, ``gpt``) train on ``text`` data
@@ -51,7 +51,7 @@ OPTIMIZERS: dict[str, Callable] = {
 }
 SCHEDULES = {"constant": {"warmup_steps"}, "cosine": {"warmup_steps", "end_value"}}
 PRECISIONS = ("float32", "bfloat16", "float16")  # presets of fnn.precision.Policy.parse
-HOST_MALLOC = ("default", "tuned")  # tuned: fnn.runtime.tune_host_malloc, set by `fnn train`
+HOST_MALLOC = ("default", "tuned")  # tuned: fnn.app.runtime.tune_host_malloc, set by `fnn train`
 # each data set's keys: required and optional
 DATASETS = {"digits": ({"batch_size"}, set()),
             "text": ({"batch_size", "seq_len"}, {"path", "eval_batch_size"})}

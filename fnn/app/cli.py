@@ -12,7 +12,7 @@ import json
 import sys
 from pathlib import Path
 
-from fnn.config import (HOST_MALLOC, MODEL_DATA, ConfigError, build_loss, build_model,
+from fnn.app.config import (HOST_MALLOC, MODEL_DATA, ConfigError, build_loss, build_model,
                         build_optimizer, load_config)
 from fnn.train.parallel import MODES
 from fnn.train.checkpoint import CheckpointError
@@ -61,11 +61,12 @@ def train(args: argparse.Namespace) -> int:
         if load_config(args.config, _overrides(args)).parallel["mode"] != "sharded":
             raise ConfigError("--processes trains one model over the devices of every process, "
                               "which needs parallel mode sharded (add --parallel sharded)")
-        return launch([sys.executable, "-m", "fnn.cli"] + _without_processes(
+        return launch([sys.executable, "-m", "fnn.app.cli"] + _without_processes(
             sys.argv[1:] if args.argv is None else args.argv), args.processes)
 
-    from fnn.runtime import tune_host_malloc
-    from fnn.train import NonFiniteError, plot_history, train as run
+    from fnn.app.runtime import tune_host_malloc
+    from fnn.app.plot import plot_history
+    from fnn.train import NonFiniteError, train as run
     from fnn.train.distributed import initialize_from_env
 
     config = load_config(args.config, _overrides(args))  # no JAX call: the next two come first
@@ -206,7 +207,7 @@ def generate(args: argparse.Namespace) -> int:
 def summary(args: argparse.Namespace) -> int:
     import jax
 
-    from fnn.core import summary as model_summary
+    from fnn.inspection import summary as model_summary
 
     config = load_config(args.config)
     task, filled, _ = _task(config)

@@ -1,9 +1,10 @@
 """Cross-cutting properties, checked for every public layer, combinator and model.
 
-Each descriptor gives a layer and a batched input. Every descriptor must: give the same result
-under ``jit`` as eagerly; give under ``jax.vmap`` over single examples the same as the batched
-call; have finite gradients; have ``jax.eval_shape`` agree with the real output; run on bfloat16
-inputs; and not recompile a jitted call on new values of the same shape.
+Each descriptor gives a layer and a batched input (an array, or a ``Seq`` with side inputs).
+Every descriptor must: give the same result under ``jit`` as eagerly; give under ``jax.vmap``
+over single examples the same as the batched call; have finite gradients; have
+``jax.eval_shape`` agree with the real output; run on bfloat16 inputs; and not recompile a
+jitted call on new values of the same shape.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import pytest
 
 import fnn
 from fnn.combinators import remat
+from fnn.core import as_spec
 from fnn.layers import ACTIVATIONS
 from fnn.models import MLP, LeNet, ResNet
 from fnn.precision import Policy, with_policy
@@ -31,16 +33,39 @@ class Descriptor:
     ints: int = 0  # > 0: integer ids in [0, ints) instead of floats
     stochastic: bool = False  # uses the key in training
     batch_stats: bool = False  # train=True mixes examples (BatchNorm), so vmap runs in eval mode
+    side: Callable[[jax.Array], dict] | None = None  # the Seq's side inputs, given the array
 
     def __str__(self):
         return self.name
 
 
-def _input(d: Descriptor, dtype=jnp.float32, seed: int = 1) -> jax.Array:
+def _input(d: Descriptor, dtype=jnp.float32, seed: int = 1):
     key = jax.random.key(seed)
     if d.ints:
-        return jax.random.randint(key, d.shape, 0, d.ints)
-    return jax.random.normal(key, d.shape, jnp.float32).astype(dtype)
+        x = jax.random.randint(key, d.shape, 0, d.ints)
+    else:
+        x = jax.random.normal(key, d.shape, jnp.float32).astype(dtype)
+    return x if d.side is None else fnn.Seq(x, **d.side(x))
+
+
+def _lengths(x):
+    """Per-example lengths: the full length for the first example, shorter for the rest."""
+    time = x.shape[1]
+    return {"lengths": jnp.maximum(time - jnp.arange(x.shape[0], dtype=jnp.int32) * 2, 1)}
+
+
+def _memory(x):
+    return {"memory": jnp.cos(jnp.arange(x.shape[0] * 4 * 6, dtype=jnp.float32)).reshape(
+        x.shape[0], 4, 6).astype(x.dtype), "memory_lengths": jnp.full(x.shape[:1], 3, jnp.int32)}
+
+
+def _array(y):
+    return y.x if isinstance(y, fnn.Seq) else y
+
+
+def _cast(tree, dtype):
+    return jax.tree.map(lambda a: a.astype(dtype) if jnp.issubdtype(a.dtype, jnp.floating) else a,
+                        tree)
 
 
 DESCRIPTORS = [
@@ -72,14 +97,25 @@ DESCRIPTORS = [
     Descriptor("LayerNorm", fnn.LayerNorm, (3, 6)),
     Descriptor("RMSNorm", fnn.RMSNorm, (3, 6)),
     Descriptor("GroupNorm", lambda: fnn.GroupNorm(2, start_axis=-3), (2, 3, 3, 4)),
-    Descriptor("SimpleRNN", lambda: fnn.RNN(fnn.SimpleRNN(4)), (2, 5, 3)),
-    Descriptor("LSTM", lambda: fnn.RNN(fnn.LSTM(4)), (2, 5, 3)),
-    Descriptor("GRU", lambda: fnn.RNN(fnn.GRU(4), reverse=True), (2, 5, 3)),
-    Descriptor("Bidirectional", lambda: fnn.Bidirectional(fnn.LSTM(4), fnn.GRU(3)), (2, 5, 3)),
+    Descriptor("SimpleRNN", lambda: fnn.SimpleRNN(4), (2, 5, 3)),
+    Descriptor("RNN-simple-cell-lengths", lambda: fnn.RNN(fnn.SimpleRNNCell(4)), (2, 5, 3),
+               side=_lengths),
+    Descriptor("LSTM", lambda: fnn.LSTM(4), (2, 5, 3)),
+    Descriptor("LSTM-stack-lengths-dropout",
+               lambda: fnn.serial(fnn.LSTM(4), fnn.Dropout(0.2), fnn.LSTM(3)), (2, 5, 3),
+               stochastic=True, side=_lengths),
+    Descriptor("GRU", lambda: fnn.GRU(4, reverse=True), (2, 5, 3)),
+    Descriptor("Bidirectional", lambda: fnn.Bidirectional(fnn.LSTMCell(4), fnn.GRUCell(3)),
+               (2, 5, 3), side=_lengths),
     Descriptor("MultiHeadAttention", lambda: fnn.MultiHeadAttention(2), (2, 5, 8)),
     Descriptor("MultiHeadAttention-gqa-causal-rope",
                lambda: fnn.MultiHeadAttention(4, num_kv_heads=2, causal=True, rope=True,
                                               use_bias=True), (2, 5, 8)),
+    Descriptor("MultiHeadAttention-window-alibi-lengths",
+               lambda: fnn.MultiHeadAttention(2, causal=True, window=(2, 0), alibi=True), (2, 5, 8),
+               side=_lengths),
+    Descriptor("MultiHeadAttention-cross",
+               lambda: fnn.MultiHeadAttention(2, cross=True), (2, 5, 8), side=_memory),
     Descriptor("MultiHeadAttention-dropout",
                lambda: fnn.MultiHeadAttention(2, dropout=0.2, causal=True), (2, 5, 8),
                stochastic=True),
@@ -92,13 +128,28 @@ DESCRIPTORS = [
                lambda: fnn.EncoderBlock(4, 16, num_kv_heads=2, norm="rms", rope=True, causal=True,
                                         activation="swiglu", use_bias=False), (2, 5, 8)),
     Descriptor("DecoderBlock", lambda: fnn.DecoderBlock(2, 16, rope=True), (2, 5, 8)),
+    Descriptor("DecoderBlock-cross-lengths",
+               lambda: fnn.DecoderBlock(2, 16, cross=True, activation="gelu_tanh"), (2, 5, 8),
+               side=lambda x: _memory(x) | _lengths(x)),
+    Descriptor("EncoderBlock-lengths", lambda: fnn.EncoderBlock(2, 16), (2, 5, 8), side=_lengths),
+    Descriptor("BatchNorm-lengths", lambda: fnn.BatchNorm(momentum=0.9), (3, 5, 4),
+               batch_stats=True, side=_lengths),
+    Descriptor("GlobalAvgPool-lengths", lambda: fnn.GlobalAvgPool(-2), (3, 5, 4), side=_lengths),
+    Descriptor("GlobalMaxPool-lengths", lambda: fnn.GlobalMaxPool(-2), (3, 5, 4), side=_lengths),
     Descriptor("LearnedPositionEmbedding", lambda: fnn.LearnedPositionEmbedding(8), (2, 5, 4)),
+    Descriptor("LearnedPositionEmbedding-positions", lambda: fnn.LearnedPositionEmbedding(8),
+               (2, 5, 4),
+               side=lambda x: {"positions": jnp.broadcast_to(2 + jnp.arange(x.shape[1]),
+                                                             x.shape[:2])}),
     Descriptor("SinusoidalPositionEmbedding", lambda: fnn.SinusoidalPositionEmbedding(8),
                (2, 5, 4)),
     Descriptor("repeat", lambda: fnn.repeat(fnn.serial(fnn.Dense(5), fnn.Gelu()), 3), (3, 5)),
     Descriptor("repeat-encoder-remat",
                lambda: fnn.repeat(fnn.EncoderBlock(2, 16, dropout=0.1), 2, remat=True),
                (2, 5, 8), stochastic=True),
+    Descriptor("repeat-decoder-cross-seq",
+               lambda: fnn.repeat(fnn.DecoderBlock(2, 16, cross=True), 2), (2, 5, 8),
+               side=lambda x: _memory(x) | _lengths(x)),
     Descriptor("serial", lambda: fnn.serial(fnn.Dense(8), fnn.Relu(), head=fnn.Dense(3)), (3, 5)),
     Descriptor("branch-concat", lambda: fnn.branch(fnn.Dense(2), fnn.Tanh()), (3, 5)),
     Descriptor("branch-add", lambda: fnn.branch(fnn.Dense(5), fnn.Identity(), combine="add"),
@@ -108,21 +159,36 @@ DESCRIPTORS = [
     Descriptor("named", lambda: fnn.named("encoder", fnn.Dense(3)), (3, 5)),
     Descriptor("tied", lambda: fnn.tied(fnn.Embedding(9, 4), fnn.Dense(4)), (3, 6), ints=9),
     Descriptor("MLP", lambda: MLP([8, 8], 3, dropout=0.2), (3, 5), stochastic=True),
-    Descriptor("LeNet", lambda: LeNet(10, features=(4, 8), kernel_size=3, hidden=16,
+    Descriptor("LeNet", lambda: LeNet(10, features=(4, 8), kernel_size=3, hidden_features=16,
                                       dropout=0.5), (2, 8, 8, 1), stochastic=True),
-    Descriptor("CharLSTM", lambda: fnn.models.CharLSTM(11, embed=4, hidden=8), (2, 6), ints=11),
-    Descriptor("GPT", lambda: fnn.models.GPT(11, d_model=8, num_heads=2, num_layers=2, mlp=16,
-                                             max_length=8), (2, 6), ints=11),
-    Descriptor("ViT", lambda: fnn.models.ViT(10, patch_size=4, d_model=8, num_heads=2,
-                                             num_layers=1, mlp=16), (2, 8, 8, 1)),
-    Descriptor("TransformerClassifier",
-               lambda: fnn.models.TransformerClassifier(11, 3, d_model=8, num_heads=2,
-                                                        num_layers=1, mlp=16, max_length=8),
+    Descriptor("CharLSTM", lambda: fnn.models.CharLSTM(11, embedding_features=4, features=8),
                (2, 6), ints=11),
-    Descriptor("ResNet-basic", lambda: ResNet((1, 1), num_classes=3, width=4, stem="small"),
+    Descriptor("CharLSTM-lengths", lambda: fnn.models.CharLSTM(11, embedding_features=4,
+                                                               features=8),
+               (2, 6), ints=11, side=_lengths),
+    Descriptor("GPT", lambda: fnn.models.GPT(11, features=8, num_heads=2, num_layers=2,
+                                             hidden_features=16, max_length=8), (2, 6), ints=11),
+    Descriptor("GPT-tied-gelu-tanh-rms",
+               lambda: fnn.models.GPT(11, features=8, num_heads=2, num_layers=1,
+                                      hidden_features=16, max_length=8, tie_embeddings=True,
+                                      activation="gelu_tanh", norm="rms", norm_epsilon=1e-5),
+               (2, 6), ints=11, side=_lengths),
+    Descriptor("ViT", lambda: fnn.models.ViT(10, patch_size=4, features=8, num_heads=2,
+                                             num_layers=1, hidden_features=16), (2, 8, 8, 1)),
+    Descriptor("TransformerClassifier",
+               lambda: fnn.models.TransformerClassifier(11, 3, features=8, num_heads=2,
+                                                        num_layers=1, hidden_features=16,
+                                                        max_length=8),
+               (2, 6), ints=11),
+    Descriptor("TransformerClassifier-lengths",
+               lambda: fnn.models.TransformerClassifier(11, 3, features=8, num_heads=2,
+                                                        num_layers=1, hidden_features=16,
+                                                        max_length=8),
+               (2, 6), ints=11, side=_lengths),
+    Descriptor("ResNet-basic", lambda: ResNet((1, 1), num_classes=3, features=4, stem="small"),
                (2, 8, 8, 1), batch_stats=True),
     Descriptor("ResNet-bottleneck", lambda: ResNet((1, 1), block="bottleneck", num_classes=3,
-                                                   width=4), (2, 16, 16, 3), batch_stats=True),
+                                                   features=4), (2, 16, 16, 3), batch_stats=True),
     Descriptor("remat", lambda: remat(fnn.serial(fnn.Dense(8), fnn.Gelu(), fnn.Dropout(0.2),
                                                  fnn.Dense(5))), (3, 5), stochastic=True),
     Descriptor("remat-dots-batchnorm",
@@ -143,7 +209,7 @@ DESCRIPTORS = [
 def _setup(d: Descriptor, dtype=jnp.float32):
     layer = d.make()
     x = _input(d, dtype)
-    params, state = layer.init(jax.random.key(0), jax.ShapeDtypeStruct(x.shape, x.dtype))
+    params, state = layer.init(jax.random.key(0), as_spec(x))
     return layer, params, state, x
 
 
@@ -172,19 +238,19 @@ def test_vmap_over_examples_equals_batched_call(d):
     apply = lambda x: layer.apply(params, state, x)[0]  # noqa: E731
     batched = jax.jit(apply)(x)
     per_example = jax.jit(jax.vmap(apply))(x)
-    np.testing.assert_allclose(np.asarray(per_example), np.asarray(batched), rtol=1e-5,
-                               atol=1e-6)
+    _assert_trees_close(per_example, batched, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("d", DESCRIPTORS, ids=str)
 def test_gradients_are_finite_and_nonzero(d):
     layer, params, state, x = _setup(d)
 
-    def loss(params, x):
-        y, _ = layer.apply(params, state, x, key=jax.random.key(3), train=True)
-        return jnp.sum(jnp.square(y.astype(jnp.float32)))
+    def loss(params, array):  # the array of a Seq is differentiated, not its lengths
+        given = x.with_x(array) if isinstance(x, fnn.Seq) else array
+        y, _ = layer.apply(params, state, given, key=jax.random.key(3), train=True)
+        return jnp.sum(jnp.square(_array(y).astype(jnp.float32)))
 
-    grads = jax.jit(jax.grad(loss, argnums=0 if d.ints else (0, 1)))(params, x)
+    grads = jax.jit(jax.grad(loss, argnums=0 if d.ints else (0, 1)))(params, _array(x))
     leaves = jax.tree.leaves(grads)
     assert leaves, "no gradient leaves"
     for g in leaves:
@@ -210,8 +276,8 @@ def test_eval_shape_agrees_with_apply(d, train):
 @pytest.mark.parametrize("d", [d for d in DESCRIPTORS if not d.ints], ids=str)
 def test_bfloat16_inputs_run_in_bfloat16(d):
     layer, params, state, x32 = _setup(d)
-    x16 = x32.astype(jnp.bfloat16)
-    apply = jax.jit(lambda x: layer.apply(params, state, x)[0])
+    x16 = _cast(x32, jnp.bfloat16)
+    apply = jax.jit(lambda x: _array(layer.apply(params, state, x)[0]))
     y16, y32 = apply(x16), apply(x32)
     assert y16.dtype == jnp.bfloat16
     assert y16.shape == y32.shape
@@ -229,7 +295,7 @@ def test_jitted_step_does_not_recompile(d):
     def step(params, state, x, key):
         def loss(p):
             y, new_state = layer.apply(p, state, x, key=key, train=True)
-            return jnp.mean(jnp.square(y.astype(jnp.float32))), new_state
+            return jnp.mean(jnp.square(_array(y).astype(jnp.float32))), new_state
         grads, new_state = jax.grad(loss, has_aux=True)(params)
         return jax.tree.map(lambda p, g: p - 0.01 * g, params, grads), new_state
 
@@ -242,7 +308,7 @@ def test_every_public_layer_has_a_descriptor():
     covered = {d.name.split("-")[0].rstrip("123D") for d in DESCRIPTORS}
     covered |= {"Identity", "Relu", "Relu6", "LeakyRelu", "Elu", "Celu", "Selu", "Gelu", "Silu",
                 "Mish", "Tanh", "HardTanh", "Sigmoid", "Softplus"}  # the activation-* rows
-    covered.add("RNN")  # the SimpleRNN, LSTM and GRU rows run their cells through RNN
+    covered |= {"SimpleRNNCell", "LSTMCell", "GRUCell"}  # run by the RNN and layer rows
     factories = {name: getattr(fnn, name) for name in fnn.layers.__all__}
     public = {name for name, obj in factories.items()  # layer factories, not types or tables
               if name[0].isupper() and callable(obj) and not isinstance(obj, type)}

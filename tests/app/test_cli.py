@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 import yaml
 
-from fnn.cli import main
-from fnn.config import ConfigError, load_config, parse_config
+from fnn.app.cli import main
+from fnn.app.config import ConfigError, load_config, parse_config
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
 
 
@@ -28,8 +28,8 @@ def test_shipped_configs_are_valid(path):
 
 @pytest.mark.parametrize("edit, message", [
     (lambda c: c.update(epoch=3), r"unknown key 'epoch' in the config; did you mean 'epochs'\?"),
-    (lambda c: c["model"].update(hiden_sizes=[3]),
-     r"unknown key 'hiden_sizes' in model \(mlp\); did you mean 'hidden_sizes'\?"),
+    (lambda c: c["model"].update(hiden_features=[3]),
+     r"unknown key 'hiden_features' in model \(mlp\); did you mean 'hidden_features'\?"),
     (lambda c: c["optimizer"].update(learning_rat=0.1),
      r"unknown key 'learning_rat' in optimizer \(adamw\); did you mean 'learning_rate'\?"),
     (lambda c: c["optimizer"].update(name="adamm"),
@@ -38,7 +38,7 @@ def test_shipped_configs_are_valid(path):
      r"unknown key 'warmup' in schedule \(cosine\); did you mean 'warmup_steps'\?"),
     (lambda c: c["data"].update(batchsize=3), r"unknown key 'batchsize' in data \(digits\)"),
     (lambda c: c["loss"].update(smoothing=0.1), r"unknown key 'smoothing' in loss"),
-    (lambda c: c["model"].pop("num_outputs"), r"model \(mlp\) is missing num_outputs"),
+    (lambda c: c["model"].pop("out_features"), r"model \(mlp\) is missing out_features"),
     (lambda c: c.pop("seed"), r"the config is missing seed"),
     (lambda c: c.update(epochs="ten"), r"epochs must be int, got 'ten'"),
     (lambda c: c["data"].update(batch_size=0), r"data.batch_size must be a positive int"),
@@ -64,7 +64,7 @@ def test_cli_trains_the_mlp_to_its_target(tmp_path):
     """A shortened run of configs/digits_mlp.yaml (the full run is in the README)."""
     out = tmp_path / "run"
     result = subprocess.run(
-        [sys.executable, "-m", "fnn.cli", "train", str(ROOT / "configs" / "digits_mlp.yaml"),
+        [sys.executable, "-m", "fnn.app.cli", "train", str(ROOT / "configs" / "digits_mlp.yaml"),
          "--epochs", "12", "--output-dir", str(out), "--no-progress"],
         capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert result.returncode == 0, result.stderr
@@ -118,7 +118,7 @@ def test_optional_sections_take_defaults_and_shorthands():
 
 
 def _fnn(*args, timeout=300, cwd=None):
-    return subprocess.run([sys.executable, "-m", "fnn.cli", *map(str, args)],
+    return subprocess.run([sys.executable, "-m", "fnn.app.cli", *map(str, args)],
                           capture_output=True, text=True, timeout=timeout, cwd=cwd)
 
 
@@ -129,7 +129,7 @@ def test_cli_trains_a_language_model_on_a_text_file_and_generates(tmp_path):
 
     (tmp_path / "my.txt").write_text(default_corpus()[:30_000], encoding="utf-8")
     raw = _raw("charlm_lstm.yaml")
-    raw["model"] |= {"embed": 16, "hidden": 64}
+    raw["model"] |= {"embedding_features": 16, "features": 64}
     raw["data"] |= {"path": str(tmp_path / "my.txt"), "batch_size": 16, "seq_len": 32}
     raw |= {"epochs": 3, "output_dir": str(tmp_path / "run"),
             "checkpoint": {"every": 50, "keep": 1}}
@@ -177,7 +177,7 @@ def test_a_run_killed_with_sigkill_and_resumed_ends_bit_identical(tmp_path):
     assert "host malloc: tuned" in alone.stdout
 
     run = tmp_path / "killed"
-    proc = subprocess.Popen([sys.executable, "-m", "fnn.cli", "train", str(tmp_path / "mlp.yaml"),
+    proc = subprocess.Popen([sys.executable, "-m", "fnn.app.cli", "train", str(tmp_path / "mlp.yaml"),
                              "--output-dir", str(run), "--no-progress"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
@@ -201,7 +201,7 @@ def test_a_run_killed_with_sigkill_and_resumed_ends_bit_identical(tmp_path):
 
 
 def test_a_fresh_run_starts_over_and_a_resumed_one_keeps_rows_up_to_its_checkpoint(tmp_path):
-    from fnn.cli import _start_metrics
+    from fnn.app.cli import _start_metrics
     from fnn.train.checkpoint import list_steps, save_checkpoint
 
     metrics, checkpoints = tmp_path / "metrics.jsonl", tmp_path / "checkpoints"

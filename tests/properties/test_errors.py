@@ -30,7 +30,7 @@ def test_errors_are_raised_at_trace_time_under_jit(key):
 
 
 def test_nested_paths_in_models(key):
-    model = ResNet((1, 1), num_classes=3, width=4, stem="small")
+    model = ResNet((1, 1), num_classes=3, features=4, stem="small")
     params, state = model.init(key, jnp.zeros((1, 8, 8, 1)))
     with pytest.raises(fnn.ShapeError, match=r"^Conv at stem/conv: expected input "
                                              r"\[\.\.\., 2 spatial axes, 1\], got float32\[1, 8, 8, 3\]$"):
@@ -112,6 +112,6 @@ def test_residual_and_branch_shape_mismatch(key):
                                              r"match the shortcut's \(2, 5\)"):
         res.init(key, jnp.zeros((2, 5)))
     br = fnn.branch(fnn.Dense(3), fnn.Dense(4), combine="add")
-    with pytest.raises(fnn.LayerError, match=r"branch: cannot combine outputs of shapes "
-                                             r"\[\(2, 3\), \(2, 4\)\] with 'add'"):
+    with pytest.raises(fnn.LayerError, match=r"branch: cannot combine outputs "
+                                             r"float32\[2, 3\], float32\[2, 4\] with 'add'"):
         br.init(key, jnp.zeros((2, 5)))

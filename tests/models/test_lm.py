@@ -1,5 +1,5 @@
-"""Text data, the language models (CharLSTM, GPT) and their generation, ViT and the sequence
-classifier. Tiny sizes: the whole file runs in seconds on a CPU."""
+"""The language models (CharLSTM, GPT), their decode modes and generation. Tiny sizes: the whole
+file runs in seconds on a CPU."""
 
 import functools
 
@@ -10,91 +10,29 @@ import optax
 import pytest
 
 import fnn
-from fnn.data.text import (TextSplit, Vocab, default_corpus, load_text, num_sequence_batches,
-                           sequence_batches)
+from fnn.data.text import load_text, sequence_batches
 from fnn.models.lm import CharLSTM, GPT, generate, init_gpt_cache, init_lstm_carry
-from fnn.models.vit import TransformerClassifier, ViT
 from fnn.train import create_train_state, make_eval_step, make_train_step
 
 V = 13
 
 
 def tiny_gpt(**kw):
-    return GPT(V, **{**dict(d_model=16, num_heads=2, num_layers=2, mlp=32, max_length=16), **kw})
+    return GPT(V, **{**dict(features=16, num_heads=2, num_layers=2, hidden_features=32,
+                            max_length=16), **kw})
 
 
 def tiny_lstm(**kw):
-    return CharLSTM(V, **{**dict(embed=8, hidden=16, num_layers=2), **kw})
+    return CharLSTM(V, **{**dict(embedding_features=8, features=16, num_layers=2), **kw})
 
 
 def shapes(tree):
     return jax.tree.map(jnp.shape, tree)
 
 
-# ----------------------------------------------------------------------------- text
-
 @pytest.fixture(scope="module")
 def corpus():
     return load_text()
-
-
-def test_default_corpus(corpus):
-    assert isinstance(corpus, TextSplit)
-    n = len(corpus.train) + len(corpus.valid)
-    assert n > 400_000
-    assert len(corpus.valid) == round(0.1 * n)
-    assert corpus.train.dtype == np.int32 and corpus.valid.dtype == np.int32
-    # the split is the last 10% of the text, and decoding gives the text back
-    assert corpus.vocab.decode(np.concatenate([corpus.train, corpus.valid])) == default_corpus()
-    assert 50 < corpus.vocab.size < 300
-    assert corpus.vocab.chars == "".join(sorted(corpus.vocab.chars))
-
-
-def test_vocab_roundtrip_and_unknown(corpus):
-    vocab = corpus.vocab
-    text = "def f(x):\n    return x + 1  # ok"
-    ids = vocab.encode(text)
-    assert ids.dtype == np.int32 and ids.shape == (len(text),)
-    assert vocab.decode(ids) == text
-    assert vocab.decode(jnp.asarray(ids)) == text
-    with pytest.raises(ValueError, match="not in the vocabulary"):
-        vocab.encode("snow \u2603")
-    with pytest.raises(ValueError, match="ids must be integers"):
-        vocab.decode([vocab.size])
-    assert Vocab.from_text("hello").encode("hell").tolist() == [1, 0, 2, 2]
-
-
-def test_user_file(tmp_path):
-    text = "héllo wörld\n" * 50
-    path = tmp_path / "text.txt"
-    path.write_text(text, encoding="utf-8")
-    split = load_text(path)
-    assert len(split.valid) == 60 and len(split.train) == 540
-    assert split.vocab.chars == "".join(sorted(set(text)))
-    assert split.vocab.decode(split.train) + split.vocab.decode(split.valid) == text
-
-
-def test_sequence_batches():
-    ids = np.arange(103, dtype=np.int32)
-    batches = list(sequence_batches(ids, 3, 10))
-    assert len(batches) == num_sequence_batches(len(ids), 3, 10) == 3  # 10 windows -> 3 batches
-    x, y = batches[0]
-    assert x.shape == y.shape == (3, 10) and x.dtype == y.dtype == np.int32
-    np.testing.assert_array_equal(x[1], ids[10:20])
-    np.testing.assert_array_equal(y, x + 1)
-    np.testing.assert_array_equal(batches[1][0][0], ids[30:40])
-
-    seeded = list(sequence_batches(ids, 3, 10, seed=0, epoch=1))
-    assert len(seeded) == 3
-    for x, y in seeded:
-        np.testing.assert_array_equal(y, x + 1)  # consecutive ids: y is x shifted by one
-        assert x.max() < 102 and y.max() <= 102
-    again = list(sequence_batches(ids, 3, 10, seed=0, epoch=1))
-    other = list(sequence_batches(ids, 3, 10, seed=0, epoch=2))
-    np.testing.assert_array_equal(seeded[0][0], again[0][0])
-    assert not all(np.array_equal(a[0], b[0]) for a, b in zip(seeded, other))
-    with pytest.raises(ValueError, match="too few"):
-        next(sequence_batches(ids[:5], 1, 10))
 
 
 # ----------------------------------------------------------------------------- models
@@ -243,8 +181,8 @@ def test_generate_sampling_and_errors(gpt):
 
 
 @pytest.mark.parametrize("make", [
-    lambda v: CharLSTM(v, embed=16, hidden=32),
-    lambda v: GPT(v, d_model=32, num_heads=2, num_layers=1, mlp=64, max_length=32),
+    lambda v: CharLSTM(v, embedding_features=16, features=32),
+    lambda v: GPT(v, features=32, num_heads=2, num_layers=1, hidden_features=64, max_length=32),
 ], ids=["lstm", "gpt"])
 def test_training_reduces_loss(corpus, make):
     model = make(corpus.vocab.size)
@@ -260,51 +198,3 @@ def test_training_reduces_loss(corpus, make):
         ts, _ = step(ts, x, y)
     after = float(evaluate(ts.params, ts.state, x0, y0)["loss"])
     assert after < before - 0.5, (before, after)
-
-
-# ----------------------------------------------------------------------------- classifiers
-
-def test_vit_digits_shaped():
-    model = ViT(10, patch_size=4, d_model=16, num_heads=2, num_layers=2, mlp=32)
-    x = jnp.asarray(np.random.default_rng(0).random((5, 8, 8, 1)), jnp.float32)
-    labels = jnp.arange(5, dtype=jnp.int32)
-    params, state = jax.jit(model.init)(jax.random.key(0), x)
-    assert shapes(params["patches"]) == {"w": (4, 4, 1, 16), "b": (16,)}
-    assert shapes(params["position"]) == {"table": (4, 16)}
-    assert shapes(params["head"]) == {"w": (16, 10), "b": (10,)}
-
-    def loss(p):
-        logits, _ = model.apply(p, state, x)
-        return fnn.losses.softmax_cross_entropy(logits, labels), logits
-
-    grads, logits = jax.jit(jax.grad(loss, has_aux=True))(params)
-    assert logits.shape == (5, 10)
-    leaves = jax.tree.leaves(grads)
-    assert all(bool(jnp.all(jnp.isfinite(g))) for g in leaves)
-    assert any(float(jnp.abs(g).max()) > 0 for g in leaves)
-
-
-def test_vit_shapes_patch2_and_dropout():
-    model = ViT(10, patch_size=2, d_model=8, num_heads=2, num_layers=1, mlp=16, dropout=0.1)
-    x = jax.ShapeDtypeStruct((2, 8, 8, 1), jnp.float32)
-    params, state = jax.eval_shape(model.init, jax.random.key(0), x)
-    assert shapes(params["position"]) == {"table": (16, 8)}
-    y, _ = jax.eval_shape(lambda p, s, x, k: model.apply(p, s, x, key=k, train=True),
-                          params, state, x, jax.random.key(1))
-    assert y.shape == (2, 10)
-    one = jax.ShapeDtypeStruct((8, 8, 1), jnp.float32)  # no batch axis
-    assert jax.eval_shape(model.apply, params, state, one)[0].shape == (10,)
-    with pytest.raises(fnn.MissingKeyError):
-        jax.eval_shape(lambda p, s, x: model.apply(p, s, x, train=True), params, state, x)
-
-
-def test_transformer_classifier():
-    model = TransformerClassifier(20, 3, d_model=8, num_heads=2, num_layers=2, mlp=16,
-                                  max_length=12)
-    ids = jax.ShapeDtypeStruct((4, 12), jnp.int32)
-    params, state = jax.eval_shape(model.init, jax.random.key(0), ids)
-    assert sorted(params) == ["blocks", "embed", "head", "norm", "position"]
-    assert shapes(params["position"]) == {"table": (12, 8)}
-    assert jax.eval_shape(model.apply, params, state, ids)[0].shape == (4, 3)
-    short = jax.ShapeDtypeStruct((4, 7), jnp.int32)
-    assert jax.eval_shape(model.apply, params, state, short)[0].shape == (4, 3)

@@ -1,0 +1,116 @@
+"""Losses and metrics against numpy, their errors, and their masked means over a ``Seq``'s valid
+positions."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import fnn
+from fnn.losses import (accuracy, binary_cross_entropy, bits_per_char, mean_squared_error,
+                        softmax_cross_entropy)
+
+
+def _log_softmax(z):
+    z = z - z.max(-1, keepdims=True)
+    return z - np.log(np.exp(z).sum(-1, keepdims=True))
+
+
+def test_softmax_cross_entropy_matches_numpy():
+    rng = np.random.default_rng(0)
+    logits = rng.normal(size=(6, 5)).astype(np.float32)
+    labels = rng.integers(0, 5, size=6).astype(np.int32)
+    logp = _log_softmax(logits.astype(np.float64))
+    expected = -logp[np.arange(6), labels].mean()
+    np.testing.assert_allclose(softmax_cross_entropy(logits, labels), expected, rtol=1e-6)
+    # label smoothing s: target (1 - s) * onehot + s / K
+    s = 0.2
+    target = (1 - s) * np.eye(5)[labels] + s / 5
+    expected = -(target * logp).sum(-1).mean()
+    np.testing.assert_allclose(softmax_cross_entropy(logits, labels, label_smoothing=s),
+                               expected, rtol=1e-6)
+
+
+def test_binary_cross_entropy_mse_accuracy_match_numpy():
+    logits = np.array([-2.0, 0.0, 3.0], np.float32)
+    labels = np.array([0.0, 1.0, 1.0], np.float32)
+    p = 1 / (1 + np.exp(-logits.astype(np.float64)))
+    expected = -(labels * np.log(p) + (1 - labels) * np.log(1 - p)).mean()
+    np.testing.assert_allclose(binary_cross_entropy(logits, labels), expected, rtol=1e-6)
+    np.testing.assert_allclose(mean_squared_error(logits, labels), ((logits - labels) ** 2).mean(),
+                               rtol=1e-6)
+    z = np.array([[1.0, 2.0], [3.0, 0.0], [0.0, 1.0], [5.0, 4.0]], np.float32)
+    np.testing.assert_allclose(accuracy(z, np.array([1, 0, 0, 1], np.int32)), 0.5)
+
+
+def test_loss_errors():
+    with pytest.raises(TypeError, match="labels must be integer class ids"):
+        softmax_cross_entropy(jnp.zeros((2, 3)), jnp.zeros((2,)))
+    with pytest.raises(fnn.LayerError, match=r"logits \(2, 3\) and labels \(3,\)"):
+        softmax_cross_entropy(jnp.zeros((2, 3)), jnp.zeros((3,), jnp.int32))
+
+def _padded_logits():
+    rng = np.random.default_rng(1)
+    logits = rng.normal(size=(3, 5, 4)).astype(np.float32)
+    labels = rng.integers(0, 4, size=(3, 5)).astype(np.int32)
+    return logits, labels, np.array([5, 2, 0], np.int32)
+
+
+def test_losses_of_a_seq_count_only_the_valid_positions():
+    logits, labels, lengths = _padded_logits()
+    seq = fnn.Seq(jnp.asarray(logits), lengths=jnp.asarray(lengths))
+    valid = np.arange(5)[None, :] < lengths[:, None]  # 7 valid positions
+    logp = _log_softmax(logits.astype(np.float64))
+    nll = -np.take_along_axis(logp, labels[..., None], -1)[..., 0]
+    np.testing.assert_allclose(softmax_cross_entropy(seq, labels), nll[valid].mean(), rtol=1e-6)
+    np.testing.assert_allclose(bits_per_char(seq, labels), nll[valid].mean() / np.log(2),
+                               rtol=1e-6)
+    hits = logits.argmax(-1) == labels
+    np.testing.assert_allclose(accuracy(seq, labels), hits[valid].mean(), rtol=1e-6)
+    s = 0.1
+    target = (1 - s) * np.eye(4)[labels] + s / 4
+    smoothed = -(target * logp).sum(-1)
+    np.testing.assert_allclose(softmax_cross_entropy(seq, labels, label_smoothing=s),
+                               smoothed[valid].mean(), rtol=1e-6)
+    # padded positions carry no weight: changing them changes nothing
+    garbage = np.where(valid[..., None], logits, 1e4).astype(np.float32)
+    np.testing.assert_allclose(softmax_cross_entropy(seq.with_x(jnp.asarray(garbage)), labels),
+                               nll[valid].mean(), rtol=1e-6)
+    # without lengths every position counts
+    np.testing.assert_allclose(softmax_cross_entropy(fnn.Seq(jnp.asarray(logits)), labels),
+                               nll.mean(), rtol=1e-6)
+
+
+def test_elementwise_losses_of_a_seq_count_only_the_valid_positions():
+    rng = np.random.default_rng(2)
+    out = rng.normal(size=(2, 4, 3)).astype(np.float32)
+    target = rng.normal(size=(2, 4, 3)).astype(np.float32)
+    lengths = np.array([1, 3], np.int32)
+    valid = np.arange(4)[None, :] < lengths[:, None]
+    seq = fnn.Seq(jnp.asarray(out), lengths=jnp.asarray(lengths))
+    np.testing.assert_allclose(mean_squared_error(seq, target),
+                               ((out - target) ** 2)[valid].mean(), rtol=1e-6)
+    probs = rng.random(size=(2, 4, 3)).astype(np.float32)
+    p = 1 / (1 + np.exp(-out.astype(np.float64)))
+    bce = -(probs * np.log(p) + (1 - probs) * np.log(1 - p))
+    np.testing.assert_allclose(binary_cross_entropy(seq, probs), bce[valid].mean(), rtol=1e-5)
+
+
+def test_a_seq_with_no_valid_position_gives_zero_and_finite_gradients():
+    logits, labels, _ = _padded_logits()
+    lengths = jnp.zeros((3,), jnp.int32)
+
+    def loss(z):
+        return softmax_cross_entropy(fnn.Seq(z, lengths=lengths), labels)
+
+    value, grad = jax.value_and_grad(loss)(jnp.asarray(logits))
+    assert float(value) == 0.0
+    assert np.all(np.asarray(grad) == 0.0)
+
+
+def test_seq_lengths_of_the_wrong_shape_are_rejected():
+    logits, labels, _ = _padded_logits()
+    with pytest.raises(fnn.LayerError, match=r"softmax_cross_entropy: expected lengths of shape "
+                                             r"\(3,\) .* got \(2,\)"):
+        softmax_cross_entropy(fnn.Seq(jnp.asarray(logits), lengths=jnp.ones((2,), jnp.int32)),
+                              labels)

@@ -1,0 +1,62 @@
+"""The jitted train and eval steps: they lower the loss, count steps, update model state, and
+give per-example gradients equal to a Python loop."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+import fnn
+from fnn.data import load_digits
+from fnn.losses import softmax_cross_entropy
+from fnn.models import MLP, LeNet
+from fnn.train import create_train_state, make_eval_step, make_train_step
+
+
+def test_train_step_lowers_the_loss_and_counts_steps(key):
+    data = load_digits()
+    model = MLP([32], 10, flatten_axes=3)
+    optimizer = optax.adam(1e-2)
+    ts = create_train_state(model, optimizer, key, data.x_train[:64])
+    step = make_train_step(model, optimizer, softmax_cross_entropy)
+    evaluate = make_eval_step(model, softmax_cross_entropy)
+    x, y = data.x_train[:64], data.y_train[:64]
+    before = evaluate(ts.params, ts.state, x, y)
+    for _ in range(20):
+        ts, metrics = step(ts, x, y)
+    after = evaluate(ts.params, ts.state, x, y)
+    assert int(ts.step) == 20
+    assert float(after["loss"]) < 0.5 * float(before["loss"])
+    assert float(after["accuracy"]) > 0.9
+    assert set(metrics) == {"loss", "accuracy", "skipped", "bad_streak"}
+    assert int(metrics["skipped"]) == 0 and int(metrics["bad_streak"]) == 0
+
+
+def test_train_step_updates_batchnorm_state(key):
+    model = fnn.serial(fnn.Dense(4), fnn.BatchNorm(momentum=0.5), fnn.Dense(3))
+    optimizer = optax.sgd(0.1)
+    x = jax.random.normal(key, (16, 5))
+    y = jnp.arange(16, dtype=jnp.int32) % 3
+    ts = create_train_state(model, optimizer, key, x)
+    step = make_train_step(model, optimizer, softmax_cross_entropy, donate=False)
+    new_ts, _ = step(ts, x, y)
+    h = np.asarray(fnn.Dense(4).apply(ts.params["0"], {}, x)[0])
+    np.testing.assert_allclose(new_ts.state["1"]["mean"], 0.5 * h.mean(0), rtol=1e-5, atol=1e-6)
+
+
+def test_per_example_gradients_equal_a_python_loop(key):
+    model = LeNet(10, features=(4, 8), kernel_size=3, hidden_features=16)
+    data = load_digits()
+    x, y = data.x_train[:6], data.y_train[:6]
+    params, state = model.init(key, x)
+
+    def loss(params, xi, yi):  # one example: xi [8, 8, 1], yi []
+        logits, _ = model.apply(params, state, xi)
+        return softmax_cross_entropy(logits[None], yi[None])
+
+    per_example = jax.jit(jax.vmap(jax.grad(loss), in_axes=(None, 0, 0)))(params, x, y)
+    grad_one = jax.jit(jax.grad(loss))
+    for i in range(len(x)):
+        expected = grad_one(params, x[i], y[i])
+        jax.tree.map(lambda a, b: np.testing.assert_allclose(a[i], b, rtol=1e-4, atol=1e-6),
+                     per_example, expected)

@@ -23,7 +23,9 @@ from fnn.core import MissingKeyError as MissingKeyError
 from fnn.core import ParamError as ParamError
 from fnn.core import Seq as Seq
 from fnn.core import ShapeError as ShapeError
+from fnn.core import UnboundAxisError as UnboundAxisError
 from fnn.inspection import capture_intermediates as capture_intermediates
+from fnn.inspection import check_params as check_params
 from fnn.inspection import flops as flops
 from fnn.inspection import param_bytes as param_bytes
 from fnn.inspection import param_count as param_count

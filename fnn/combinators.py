@@ -16,8 +16,8 @@ import jax.numpy as jnp
 from jax import lax
 
 from fnn.core import (Children, Layer, LayerError, Params, Seq, State, apply_child, array_of,
-                      as_spec, check_positive, check_train, describe, init_child, inner_trace,
-                      output_spec, put, report_captured, where)
+                      as_spec, check_children, check_positive, check_train, describe, init_child,
+                      inner_trace, output_spec, put, report_captured, where)
 
 
 def _children(name: str, layers: Sequence[Layer], named: dict[str, Layer]) -> Children:
@@ -246,6 +246,7 @@ def repeat(layer: Layer, num: int, *, remat: bool | Callable[..., bool] = False,
 
     def apply(params, state, x, *, key=None, train=False):
         check_train(train)
+        check_children("repeat", params, state, ("layers",))
         _check_stacked(params, "params", num)
         _check_stacked(state, "state", num)
 

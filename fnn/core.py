@@ -67,11 +67,11 @@ import jax.numpy as jnp
 
 __all__ = [
     "Params", "State", "Spec", "Initializer", "Layer", "Seq", "LayerError", "ShapeError",
-    "MissingKeyError", "ParamError", "where", "describe", "shape_error", "check_rank",
-    "check_floating", "expect_params", "check_positive", "check_rate", "require_key",
+    "MissingKeyError", "ParamError", "UnboundAxisError", "where", "describe", "shape_error",
+    "check_rank", "check_floating", "expect_params", "check_positive", "check_rate", "require_key",
     "check_train", "as_spec", "output_spec", "compute_dtype", "at_least_float32", "align",
     "array_of", "map_array", "seq_lengths", "valid_positions", "per_position", "init_child",
-    "apply_child", "put", "child_key", "Children",
+    "apply_child", "put", "child_key", "Children", "check_children",
 ]
 
 Params = dict[str, Any]  # nested dict of arrays, the trainable parameters
@@ -193,6 +193,11 @@ class MissingKeyError(LayerError):
     """A stochastic layer was called with ``train=True`` but no random key."""
 
 
+class UnboundAxisError(LayerError):
+    """A layer averages over a mapped axis (``axis_name``) that is not bound: it was called
+    outside the ``jax.pmap``/``shard_map`` it was written for."""
+
+
 class ParamError(LayerError):
     """Params (or state) that do not fit the layer: a missing or extra entry, or a shape its
     hyper-parameters do not allow."""
@@ -297,6 +302,7 @@ def expect_params(layer_name: str, params: Any, expected: Mapping[str, Any],
 
 
 def check_floating(layer_name: str, x: Any, expected: str) -> None:
+    """Rejects an input whose dtype is not floating (integer ids given to a Dense, say)."""
     if not jnp.issubdtype(x.dtype, jnp.floating):
         raise ShapeError(f"{where(layer_name)}: expected a floating-point input {expected}, got "
                          f"{describe(x)}")
@@ -353,19 +359,22 @@ def compute_dtype(dtype: Any, x: Any, param_dtype: Any) -> Any:
     """The dtype a layer computes in: ``dtype`` if given, else the input's floating dtype.
 
     Integer inputs compute in ``param_dtype``. Parameters are cast to this dtype, so bfloat16
-    inputs run in bfloat16 with float32 parameters under strict dtype promotion.
+    inputs run in bfloat16 with float32 parameters under strict dtype promotion. A float64
+    input (a NumPy array, say) computes in float32 unless 64-bit mode (``jax_enable_x64``) is
+    on, as JAX itself would store it.
     """
     if dtype is not None:
-        return jnp.dtype(dtype)
+        return jax.dtypes.canonicalize_dtype(dtype)
     if jnp.issubdtype(x.dtype, jnp.floating):
-        return x.dtype
-    return jnp.dtype(param_dtype)
+        return jax.dtypes.canonicalize_dtype(x.dtype)
+    return jax.dtypes.canonicalize_dtype(param_dtype)
 
 
 def at_least_float32(dtype: Any) -> Any:
-    """float32, or float64 for float64: statistics, logits and softmax never in half
-    precision."""
-    return jnp.dtype(jnp.float64) if jnp.dtype(dtype) == jnp.float64 else jnp.dtype(jnp.float32)
+    """float32, or float64 for float64 (with 64-bit mode on): statistics, logits and softmax
+    never in half precision."""
+    wide = jnp.dtype(dtype) == jnp.float64
+    return jax.dtypes.canonicalize_dtype(jnp.float64 if wide else jnp.float32)
 
 
 def align(v: jax.Array, ndim: int) -> jax.Array:
@@ -460,6 +469,29 @@ def report_captured(values: Mapping[str, Any] | None) -> None:
         captured.update(values)
 
 
+# The mapped axis that holds the devices' shards of the batch while fnn's data-parallel step
+# is traced (jax.pmap): BatchNorm without an axis_name of its own averages its statistics over
+# it, so a model gives the same statistics in every mode (fnn.train.parallel).
+_BATCH_AXIS: contextvars.ContextVar[str | None] = contextvars.ContextVar("fnn_batch_axis",
+                                                                         default=None)
+
+
+@contextlib.contextmanager
+def batch_axis(name: str | None) -> Iterator[None]:
+    """Within the block, layers that compute batch statistics average them over the mapped
+    axis ``name`` (``None``: no axis) unless they name an axis of their own."""
+    token = _BATCH_AXIS.set(name)
+    try:
+        yield
+    finally:
+        _BATCH_AXIS.reset(token)
+
+
+def current_batch_axis() -> str | None:
+    """The axis set by :func:`batch_axis`, or ``None``."""
+    return _BATCH_AXIS.get()
+
+
 @contextlib.contextmanager
 def observing(observer: Callable[..., None]) -> Iterator[None]:
     """Calls ``observer`` for every child call traced inside the block (see ``_OBSERVERS``)."""
@@ -542,9 +574,25 @@ class Children:
 
     def runner(self, params: Params, state: State, key: jax.Array | None,
                train: bool) -> _ChildRun:
-        """Applies children one call at a time; see the class docstring."""
+        """Applies children one call at a time; see the class docstring. Entries of
+        ``params`` or ``state`` that name no child are an error (params of another model)."""
         check_train(train)
+        check_children(self.owner, params, state, self.layers)
         return _ChildRun(self, params, state, key, train)
+
+
+def check_children(owner: str, params: Any, state: Any, names: Any) -> None:
+    """Raises :class:`ParamError` when ``params`` or ``state`` of a layer built from children
+    hold an entry that names none of them (params of another model, say)."""
+    for what, tree in (("params", params), ("state", state)):
+        if not isinstance(tree, Mapping):
+            raise ParamError(f"{where(owner)}: expected {what} as a dict of its children's, got "
+                             f"{type(tree).__name__}")
+        extra = [name for name in tree if name not in names]
+        if extra:
+            raise ParamError(f"{where(owner)}: unexpected {what} entries "
+                             f"{', '.join(map(repr, extra))} (its children are "
+                             f"{', '.join(map(repr, names))})")
 
 
 class _ChildInit:

@@ -13,8 +13,8 @@ import jax
 import jax.numpy as jnp
 from jax.extend.core import ClosedJaxpr, jaxpr_as_fun
 
-from fnn.core import (Layer, Params, Seq, State, as_spec, capturing, check_train, copies,
-                      describe, observing)
+from fnn.core import (Layer, ParamError, Params, Seq, State, as_spec, capturing, check_train,
+                      copies, describe, observing)
 
 
 def param_count(params: Params) -> int:
@@ -26,6 +26,47 @@ def param_bytes(params: Params) -> int:
     """Total storage of a parameter tree in bytes."""
     return sum(math.prod(jnp.shape(p)) * jnp.dtype(jnp.result_type(p)).itemsize
                for p in jax.tree.leaves(params))
+
+
+def _differences(name: str, expected: Any, given: Any) -> list[str]:
+    """Every key path where ``given`` differs from ``expected`` (missing, unexpected, or of
+    another shape or dtype)."""
+    want = {jax.tree_util.keystr(p): leaf
+            for p, leaf in jax.tree_util.tree_leaves_with_path(expected)}
+    have = {jax.tree_util.keystr(p): leaf
+            for p, leaf in jax.tree_util.tree_leaves_with_path(given)}
+    problems = [f"{name}{p}: missing (expected {describe(want[p])})" for p in want
+                if p not in have]
+    problems += [f"{name}{p}: unexpected {describe(have[p])}" for p in have if p not in want]
+    for path, leaf in want.items():
+        if path in have:
+            got = as_spec(have[path])
+            if (got.shape, got.dtype) != (leaf.shape, leaf.dtype):
+                problems.append(f"{name}{path}: expected {describe(leaf)}, got {describe(got)}")
+    return problems
+
+
+def check_params(model: Layer, params: Params, state: State, x: Any) -> None:
+    """Compares ``params`` and ``state`` with what ``model.init`` makes for inputs like ``x``
+    (shapes only, no FLOPs) and raises :class:`~fnn.core.ParamError` listing every difference
+    by path: an entry missing or unexpected, or of another shape or dtype. Use it on params
+    loaded from elsewhere before applying them.
+
+    >>> import jax, jax.numpy as jnp, fnn
+    >>> model = fnn.serial(fnn.Dense(4), head=fnn.Dense(3))
+    >>> params, state = model.init(jax.random.key(0), jnp.zeros((2, 5)))
+    >>> check_params(model, params, state, jnp.zeros((2, 5)))  # fits: returns None
+    >>> del params["head"]["b"]
+    >>> check_params(model, params, state, jnp.zeros((2, 5)))  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    fnn.core.ParamError: check_params: serial's params ...: params['head']['b']: missing (...)
+    """
+    expected_params, expected_state = jax.eval_shape(model.init, jax.random.key(0), as_spec(x))
+    problems = (_differences("params", expected_params, params)
+                + _differences("state", expected_state, state))
+    if problems:
+        raise ParamError(f"check_params: {model.name}'s params and state differ from what its "
+                         f"init makes for x {describe(as_spec(x))}: {'; '.join(problems)}")
 
 
 # ----------------------------------------------------------------------------- recording calls

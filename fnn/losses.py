@@ -32,12 +32,15 @@ def _split(name: str, outputs, time_axis: int):
 
 
 def _mean(values: jax.Array, weights: jax.Array | None) -> jax.Array:
-    """The mean of ``values``, weighted by ``weights`` (broadcast from the left) if given."""
+    """The mean of ``values`` over the positions where ``weights`` (bool, broadcast from the
+    left) holds, or over all of them without weights."""
     if weights is None:
         return values.mean()
-    w = weights.astype(values.dtype).reshape(weights.shape + (1,) * (values.ndim - weights.ndim))
-    w = jnp.broadcast_to(w, values.shape)
-    return jnp.sum(values * w) / jnp.maximum(jnp.sum(w), 1.0)
+    valid = jnp.broadcast_to(
+        weights.reshape(weights.shape + (1,) * (values.ndim - weights.ndim)), values.shape)
+    # jnp.where, not a product: a padded position may hold anything (NaN * 0 is NaN)
+    total = jnp.sum(jnp.where(valid, values, jnp.zeros((), values.dtype)))
+    return total / jnp.maximum(jnp.sum(valid.astype(values.dtype)), 1.0)
 
 
 def _check_labels(name: str, logits: jax.Array, labels: jax.Array) -> None:
@@ -54,18 +57,28 @@ def softmax_cross_entropy(logits: jax.Array | Seq, labels: jax.Array, *,
     """Mean cross-entropy of ``logits: [..., num_classes]`` against integer ``labels: [...]``.
 
     With ``label_smoothing`` ``s``, the target puts ``1 - s`` on the label and spreads ``s``
-    evenly over all classes.
+    evenly over all classes. A label outside ``[0, num_classes)`` makes the loss NaN, with or
+    without smoothing, so that a train step skips the batch instead of learning from a label
+    the head cannot represent (``fnn.train``'s tasks check labels on the host first).
     """
     name = "softmax_cross_entropy"
     logits, weights = _split(name, logits, -2)
     _check_labels(name, logits, labels)
-    logits = logits.astype(jnp.float32)
-    if not label_smoothing:
-        return _mean(optax.softmax_cross_entropy_with_integer_labels(logits, labels), weights)
     if not 0.0 <= label_smoothing < 1.0:
         raise ValueError(f"{name}: label_smoothing must be in [0, 1), got {label_smoothing!r}")
-    targets = optax.smooth_labels(jax.nn.one_hot(labels, logits.shape[-1]), label_smoothing)
-    return _mean(optax.softmax_cross_entropy(logits, targets), weights)
+    logits = logits.astype(jnp.float32)
+    if not label_smoothing:
+        per_example = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+    else:
+        targets = optax.smooth_labels(jax.nn.one_hot(labels, logits.shape[-1]), label_smoothing)
+        per_example = optax.softmax_cross_entropy(logits, targets)
+    return _mean(_nan_outside(per_example, labels, logits.shape[-1]), weights)
+
+
+def _nan_outside(values: jax.Array, labels: jax.Array, num_classes: int) -> jax.Array:
+    """``values`` with NaN where a label is outside ``[0, num_classes)``."""
+    inside = (labels >= 0) & (labels < num_classes)
+    return jnp.where(inside, values, jnp.asarray(jnp.nan, values.dtype))
 
 
 def _elementwise_mean(name: str, fn, outputs, targets: jax.Array) -> jax.Array:
@@ -107,6 +120,7 @@ def bits_per_char(logits: jax.Array | Seq, labels: jax.Array) -> jax.Array:
     logits, weights = _split("bits_per_char", logits, -2)
     _check_labels("bits_per_char", logits, labels)
     nats = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), labels)
+    nats = _nan_outside(nats, labels, logits.shape[-1])
     return _mean(nats, weights) / jnp.log(jnp.asarray(2.0, jnp.float32))
 
 

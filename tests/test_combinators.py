@@ -97,7 +97,7 @@ def test_state_is_threaded_through_combinators(key):
 
 
 def test_init_accepts_arrays_and_specs(key):
-    model = fnn.serial(fnn.Conv(4, (3, 3)), fnn.Flatten(), fnn.Dense(2))
+    model = fnn.serial(fnn.Conv(4, (3, 3)), fnn.Flatten(-3), fnn.Dense(2))
     p1, _ = model.init(key, jnp.zeros((2, 5, 5, 3)))
     p2, _ = model.init(key, jax.ShapeDtypeStruct((2, 5, 5, 3), jnp.float32))
     jax.tree.map(np.testing.assert_array_equal, p1, p2)
@@ -387,3 +387,23 @@ def test_repeat_refuses_a_layer_that_changes_the_array(key):
     with raises(fnn.LayerError, rf"^repeat: the repeated layer Unwrap .* maps {described} to "
                                 rf"float32\[2, 5, 4\]$"):
         repeat(unwrap(), 3).init(key, seq)
+
+
+def test_params_of_another_model_are_refused_naming_the_entry(key):
+    model = fnn.serial(fnn.Dense(4), fnn.Relu(), head=fnn.Dense(3))
+    x = jnp.zeros((2, 5))
+    params, state = model.init(key, x)
+    extra = params | {"extra": {"w": jnp.zeros(2)}}
+    with pytest.raises(fnn.ParamError, match=r"^serial: unexpected params entries 'extra' \(its "
+                                             r"children are '0', '1', 'head'\)$"):
+        model.apply(extra, state, x)
+    # a parameter-free layer given params (e.g. a tree shifted by one position)
+    shifted = {"0": params["0"], "1": params["head"], "head": params["head"]}
+    with pytest.raises(fnn.ParamError, match=r"^Relu at 1: expected params \{\}, got \{w: "
+                                             r"float32\[4, 3\], b: float32\[3\]\}: "
+                                             r"unexpected w, b$"):
+        model.apply(shifted, state, x)
+    with pytest.raises(fnn.ParamError, match=r"^repeat: unexpected params entries 'other'"):
+        block = fnn.repeat(fnn.Dense(5), 2)
+        p, s = block.init(key, jnp.zeros((2, 5)))
+        block.apply(p | {"other": {}}, s, jnp.zeros((2, 5)))

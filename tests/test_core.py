@@ -131,4 +131,6 @@ def test_the_layer_authors_helpers_are_public():
                                          r"\[0, 1\), got 1.5$"):
         core.check_rate("Block", "dropout", 1.5)
     assert core.at_least_float32(jnp.bfloat16) == jnp.float32
-    assert core.at_least_float32(jnp.float64) == jnp.float64
+    assert core.at_least_float32(jnp.float64) == jnp.float32  # float64 needs 64-bit mode
+    with jax.enable_x64(True):
+        assert core.at_least_float32(jnp.float64) == jnp.float64

@@ -4,6 +4,7 @@ intermediate outputs captured as values (under jit, inside repeat's scan and rem
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from jax import lax
 
 import fnn
@@ -133,3 +134,24 @@ def test_capture_changes_neither_outputs_nor_gradients(key):
     with record_layers() as rows:
         model.apply(params, state, x)
     assert rows and fnn.core._CAPTURED.get() is None
+
+
+def test_check_params_lists_every_difference_by_path(key):
+    model = fnn.serial(fnn.Dense(4), fnn.BatchNorm(), head=fnn.Dense(3))
+    x = jnp.zeros((2, 5))
+    params, state = model.init(key, x)
+    fnn.check_params(model, params, state, x)  # what init makes fits
+    other, _ = fnn.serial(fnn.Dense(4), fnn.BatchNorm(), head=fnn.Dense(5)).init(key, x)
+    del other["0"]["b"]
+    other["extra"] = {"w": jnp.zeros(2)}
+    state = {"1": {"mean": state["1"]["mean"].astype(jnp.bfloat16), "var": state["1"]["var"]}}
+    with pytest.raises(fnn.ParamError) as error:
+        fnn.check_params(model, other, state, x)
+    message = str(error.value)
+    assert message.startswith("check_params: serial's params and state differ from what its "
+                              "init makes for x float32[2, 5]: ")
+    assert "params['0']['b']: missing (expected float32[4])" in message
+    assert "params['extra']['w']: unexpected float32[2]" in message
+    assert "params['head']['b']: expected float32[3], got float32[5]" in message
+    assert "params['head']['w']: expected float32[4, 3], got float32[4, 5]" in message
+    assert "state['1']['mean']: expected float32[4], got bfloat16[4]" in message

@@ -114,3 +114,19 @@ def test_seq_lengths_of_the_wrong_shape_are_rejected():
                                              r"\(3,\) .* got \(2,\)"):
         softmax_cross_entropy(fnn.Seq(jnp.asarray(logits), lengths=jnp.ones((2,), jnp.int32)),
                               labels)
+
+
+@pytest.mark.parametrize("smoothing", [0.0, 0.1])
+def test_a_label_outside_the_head_gives_a_nan_loss_with_or_without_smoothing(smoothing):
+    logits = jnp.zeros((4, 5))
+    inside = jnp.array([0, 1, 4, 2], jnp.int32)
+    assert np.isfinite(float(softmax_cross_entropy(logits, inside, label_smoothing=smoothing)))
+    for bad in (5, 7, -1):  # out of range on either side
+        labels = inside.at[2].set(bad)
+        loss = softmax_cross_entropy(logits, labels, label_smoothing=smoothing)
+        assert np.isnan(float(loss)), (bad, float(loss))
+        assert np.isnan(float(bits_per_char(logits, labels)))
+    # a padded position's label is not read: garbage there keeps the loss finite
+    seq = fnn.Seq(jnp.zeros((1, 3, 5)), lengths=jnp.array([2]))
+    labels = jnp.array([[1, 2, 99]], jnp.int32)
+    assert np.isfinite(float(softmax_cross_entropy(seq, labels, label_smoothing=smoothing)))

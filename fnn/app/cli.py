@@ -1,8 +1,8 @@
 """The command line: ``fnn train CONFIG``, ``fnn generate RUN_DIR`` and ``fnn summary CONFIG``.
 
-A run directory (the config's ``output_dir``) holds ``config.yaml`` (the config as run),
-``metrics.jsonl`` (one JSON line per evaluation), ``plot.png``, ``checkpoints/step_*`` and, for
-language models, ``vocab.json``.
+A run directory (the config's ``output_dir``) is described in :mod:`fnn.app.rundir`. Every
+user error is one line, ``fnn: error: ...`` on stderr, with exit status 2 (``--debug`` shows
+the traceback instead); a run that stops on non-finite steps exits with status 1.
 """
 
 from __future__ import annotations
@@ -13,9 +13,11 @@ import sys
 from pathlib import Path
 
 from fnn.app.config import (HOST_MALLOC, MODEL_DATA, ConfigError, build_loss, build_model,
-                        build_optimizer, load_config)
+                            build_optimizer, load_config)
 from fnn.train.parallel import MODES
-from fnn.train.checkpoint import CheckpointError
+
+# device-count advice for a CPU-only machine
+_CPU_DEVICES = "XLA_FLAGS=--xla_force_host_platform_device_count=N"
 
 
 def _task(config):
@@ -49,23 +51,51 @@ def _devices(config):
         return None  # data_parallel's default: the first device, or every device of the mode
     available = jax.local_devices() if jax.process_count() == 1 else jax.devices()
     if count > len(available):
-        raise ConfigError(f"parallel.devices is {count} but only {len(available)} devices "
-                          f"are available")
+        raise ConfigError(f"parallel.devices is {count} but only {len(available)} "
+                          f"device{'s are' if len(available) != 1 else ' is'} available (on a "
+                          f"CPU, {_CPU_DEVICES} before the start gives N devices)")
     return available[:count]
 
 
+def _setup(config, args, parallel: bool = True):
+    """The task, model, optimizer, loss and the run directory's plan: every check of a ``fnn
+    train`` command, before anything is written (``parallel=False``: leaves out the device
+    checks, for the launcher of several processes, which has no devices of theirs)."""
+    import jax
+
+    from fnn.app import rundir
+    from fnn.train import create_train_state
+    from fnn.train.loop import check_outputs
+
+    task, filled, vocab = _task(config)
+    steps = config.epochs * task.steps_per_epoch
+    model = build_model(config, **filled)
+    optimizer = build_optimizer(config, steps)
+    like = jax.eval_shape(lambda: create_train_state(model, optimizer, jax.random.key(0),
+                                                     task.example))
+    check_outputs(f"model ({config.model['name']})", model, like.params, like.state, task)
+    devices = _devices(config) if parallel else None
+    run_plan = rundir.plan(Path(config.output_dir), config, vocab, like, steps,
+                           resume=args.resume, overwrite=args.overwrite)
+    return task, vocab, steps, model, optimizer, devices, run_plan
+
+
 def train(args: argparse.Namespace) -> int:
+    if args.processes < 1:
+        raise ConfigError(f"--processes must be at least 1, got {args.processes}")
     if args.processes > 1:
         from fnn.train.distributed import launch
 
-        if load_config(args.config, _overrides(args)).parallel["mode"] != "sharded":
+        config = load_config(args.config, _overrides(args))
+        if config.parallel["mode"] != "sharded":
             raise ConfigError("--processes trains one model over the devices of every process, "
                               "which needs parallel mode sharded (add --parallel sharded)")
+        _setup(config, args, parallel=False)  # the user's errors, once, before any launch
         return launch([sys.executable, "-m", "fnn.app.cli"] + _without_processes(
             sys.argv[1:] if args.argv is None else args.argv), args.processes)
 
+    from fnn.app import rundir
     from fnn.app.runtime import tune_host_malloc
-    from fnn.app.plot import plot_history
     from fnn.train import NonFiniteError, train as run
     from fnn.train.distributed import initialize_from_env
 
@@ -75,43 +105,49 @@ def train(args: argparse.Namespace) -> int:
     if malloc == "tuned" and not tune_host_malloc():
         malloc = "default (tuned needs glibc)"
     initialize_from_env()  # a process of `fnn train --processes N` joins the others first
-    task, filled, vocab = _task(config)
+    task, vocab, steps, model, optimizer, devices, run_plan = _setup(config, args)
     out = Path(config.output_dir)
     writer = _is_first_process()
+    _barrier("planned")  # every process has read the run directory before it changes
+    for note in run_plan.notes if writer else ():
+        print(f"fnn: {note}", file=sys.stderr)
+    if writer:  # every check has passed: now the run directory may change
+        rundir.prepare(out, config, vocab, run_plan)
+    _barrier("prepared")
+    print(f"training {config.model['name']} on {config.data['name']} for {config.epochs} "
+          f"epochs ({steps} steps of {config.data['batch_size']}), parallel: "
+          f"{config.parallel['mode']}, precision: {config.precision}, host malloc: {malloc}")
     metrics_path = out / "metrics.jsonl"
-    if writer:
-        out.mkdir(parents=True, exist_ok=True)
-        _write_run_files(config, out, vocab)
-        _start_metrics(metrics_path, out / "checkpoints", args.resume)
-    steps = config.epochs * task.steps_per_epoch
 
     def log(row):
         with metrics_path.open("a") as f:
             f.write(json.dumps(row) + "\n")
 
-    model = build_model(config, **filled)
-    print(f"training {config.model['name']} on {config.data['name']} for {config.epochs} "
-          f"epochs ({steps} steps of {config.data['batch_size']}), parallel: "
-          f"{config.parallel['mode']}, precision: {config.precision}, host malloc: {malloc}")
     try:
-        ts, history = run(model, build_optimizer(config, steps), build_loss(config), task,
-                          num_steps=steps, seed=config.seed,
-                          parallel=config.parallel["mode"], devices=_devices(config),
-                          checkpoint_dir=out / "checkpoints",
-                          checkpoint_every=config.checkpoint["every"],
-                          keep=config.checkpoint["keep"], resume=args.resume,
-                          max_bad_steps=config.max_bad_steps, on_log=log,
-                          progress=not args.no_progress)
+        _, history = run(model, optimizer, build_loss(config), task, num_steps=steps,
+                         seed=config.seed, parallel=config.parallel["mode"], devices=devices,
+                         checkpoint_dir=out / rundir.CHECKPOINTS,
+                         checkpoint_every=config.checkpoint["every"],
+                         keep=config.checkpoint["keep"], resume=run_plan.resume_step is not None,
+                         max_bad_steps=config.max_bad_steps, on_log=log,
+                         progress=not args.no_progress)
     except NonFiniteError as e:
         print(f"fnn: error: {e}", file=sys.stderr)
         return 1
-    if not writer:
-        return 0
-    # the history carried by the checkpoints is the whole run's, also after --resume
+    if writer:
+        _finish(out, history, task)
+    return 0
+
+
+def _finish(out: Path, history: list, task) -> None:
+    """The whole run's metrics (the history carried by the checkpoints, also after
+    ``--resume``), the plot, and the final line."""
+    from fnn.app.plot import plot_history
+
+    metrics_path = out / "metrics.jsonl"
     metrics_path.write_text("".join(json.dumps(row) + "\n" for row in history))
     plot_history(history, out / "plot.png")
-    final = history[-1]
-    name = task.eval_name
+    final, name = history[-1], task.eval_name
     if "bits_per_char" in task.metrics:
         result = f"final {name} bits per character: {final[f'{name}_bits_per_char']:.4f}"
     else:
@@ -119,7 +155,6 @@ def train(args: argparse.Namespace) -> int:
     print(f"{result} ({name} loss {final[f'{name}_loss']:.4f}) after {final['seconds']:.1f} s, "
           f"{final['skipped']} skipped steps; metrics in {metrics_path}, plot in "
           f"{out / 'plot.png'}, checkpoints in {out / 'checkpoints'}")
-    return 0
 
 
 def _without_processes(argv: list[str]) -> list[str]:
@@ -135,66 +170,71 @@ def _without_processes(argv: list[str]) -> list[str]:
     return kept
 
 
-def _start_metrics(metrics_path: Path, checkpoints: Path, resume: bool) -> None:
-    """A fresh run starts a fresh metrics file and drops an earlier run's checkpoints; a
-    resumed one keeps the rows up to its latest checkpoint (a killed run may have logged more)."""
-    import shutil
-
-    from fnn.train.checkpoint import latest_step
-
-    step = latest_step(checkpoints) if resume else None
-    if step is None:
-        if checkpoints.exists() and not resume:
-            shutil.rmtree(checkpoints)
-        metrics_path.write_text("")
-        return
-    rows = metrics_path.read_text().splitlines() if metrics_path.exists() else []
-    metrics_path.write_text("".join(line + "\n" for line in rows
-                                    if json.loads(line)["step"] <= step))
-
-
 def _is_first_process() -> bool:
     import jax
 
     return jax.process_index() == 0
 
 
-def _write_run_files(config, out: Path, vocab) -> None:
-    import dataclasses
+def _barrier(name: str) -> None:
+    """Waits for every process of a ``--processes N`` run (nothing to wait for alone)."""
+    import jax
 
-    import yaml
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
 
-    (out / "config.yaml").write_text(yaml.safe_dump(dataclasses.asdict(config), sort_keys=False))
-    if vocab is not None:
-        (out / "vocab.json").write_text(json.dumps({"chars": vocab.chars}))
+        multihost_utils.sync_global_devices(f"fnn train: {name}")
+
+
+def _run_config(run: Path):
+    """The config of the run in ``run``, after checking that it is one."""
+    if not run.is_dir():
+        raise ConfigError(f"not an fnn run directory: {run} is not a directory")
+    if not (run / "config.yaml").exists():
+        raise ConfigError(f"not an fnn run directory: no config.yaml in {run}")
+    return load_config(run / "config.yaml")
 
 
 def generate(args: argparse.Namespace) -> int:
     import jax
     import numpy as np
 
+    from fnn.app import rundir
     from fnn.data import Vocab
     from fnn.models import generate as sample
     from fnn.models import init_gpt_cache, init_lstm_carry
     from fnn.train import create_train_state
-    from fnn.train.checkpoint import restore_checkpoint
+    from fnn.train.checkpoint import restore_latest_intact
 
     run = Path(args.run_dir)
-    config = load_config(run / "config.yaml")
+    config = _run_config(run)
     name = config.model["name"]
     if MODEL_DATA[name][0] != "text":
         raise ConfigError(f"{run}: fnn generate needs a language model run (charlstm or gpt), "
                           f"this one trained {name}")
-    vocab = Vocab(json.loads((run / "vocab.json").read_text())["chars"])
+    if args.length < 0:
+        raise ConfigError(f"--length must be at least 0, got {args.length}")
+    if not args.temperature >= 0:  # NaN too
+        raise ConfigError(f"--temperature must be a number >= 0, got {args.temperature}")
+    if args.top_k is not None and args.top_k < 1:
+        raise ConfigError(f"--top-k must be at least 1, got {args.top_k}")
+    if not (run / "vocab.json").exists():
+        raise ConfigError(f"{run}: no vocab.json: the run did not finish writing its files")
+    vocab = Vocab(rundir.read_vocab(run / "vocab.json"))
+    if not args.prompt:
+        raise ConfigError("--prompt must hold at least one character")
+    prompt = vocab.encode(args.prompt)[None]
     model = build_model(config, vocab_size=vocab.size)
     # only the optimizer state's structure matters here, not the schedule's length
     optimizer = build_optimizer(config, config.schedule.get("warmup_steps", 0) + 1)
     example = np.zeros((config.data["batch_size"], config.data["seq_len"]), np.int32)
     like = jax.eval_shape(lambda: create_train_state(model, optimizer, jax.random.key(0),
                                                      example))
-    ts, _ = restore_checkpoint(run / "checkpoints", like)
-    prompt = vocab.encode(args.prompt)[None]
-    # generate checks that a GPT's prompt plus the new characters fit its max_length
+    ts, _, step, corrupt = restore_latest_intact(run / "checkpoints", like)
+    for bad, _ in corrupt:
+        print(f"fnn: the checkpoint of step {bad} is corrupt (left as it is): using step {step}",
+              file=sys.stderr)
+    # past a GPT's max_length, generate goes on with a sliding window
     decode = init_gpt_cache(ts.params, 1) if name == "gpt" else init_lstm_carry(ts.params, 1)
     ids = sample(model, ts.params, decode, prompt, args.length, key=jax.random.key(args.seed),
                  temperature=args.temperature, top_k=args.top_k)
@@ -216,15 +256,27 @@ def summary(args: argparse.Namespace) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="fnn", description="Train fnn models from configs.")
-    commands = parser.add_subparsers(dest="command", required=True)
+class _Parser(argparse.ArgumentParser):
+    """An argument parser whose errors are one line, like every other user error."""
+
+    def error(self, message: str):
+        self.exit(2, f"fnn: error: {self.prog.removeprefix('fnn ')}: {message}\n"
+                  if self.prog != "fnn" else f"fnn: error: {message}\n")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="fnn", description="Train fnn models from configs.")
+    parser.add_argument("--debug", action="store_true",
+                        help="show the traceback of an error instead of one line")
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     train_cmd = commands.add_parser("train", help="train a model from a YAML config")
     train_cmd.add_argument("config", help="path to a YAML config, e.g. configs/digits_cnn.yaml")
     train_cmd.add_argument("--epochs", type=int, help="override the config's epochs")
     train_cmd.add_argument("--output-dir", help="override the config's output_dir")
     train_cmd.add_argument("--resume", action="store_true",
-                           help="continue from the latest checkpoint in output_dir")
+                           help="continue the run in output_dir from its latest checkpoint")
+    train_cmd.add_argument("--overwrite", action="store_true",
+                           help="start again in an output_dir that holds a run (removes it)")
     train_cmd.add_argument("--parallel", choices=MODES,
                            help="override parallel.mode (pmap/sharded: data parallel)")
     train_cmd.add_argument("--devices", type=int,
@@ -247,12 +299,26 @@ def main(argv: list[str] | None = None) -> int:
     summary_cmd = commands.add_parser("summary", help="print a config's model summary")
     summary_cmd.add_argument("config")
     summary_cmd.set_defaults(run=summary)
-    args = parser.parse_args(argv)
+    for command in (train_cmd, gen_cmd, summary_cmd):  # --debug before or after the command
+        command.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                             help="show the traceback of an error instead of one line")
+    return parser
+
+
+def _one_line(error: BaseException) -> str:
+    """An error's message on one line (a message of several lines joined)."""
+    return " ".join(str(error).split()) or type(error).__name__
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
     args.argv = argv
     try:
         return args.run(args)
-    except (ConfigError, CheckpointError, FileNotFoundError) as e:
-        print(f"fnn: error: {e}", file=sys.stderr)
+    except (ValueError, TypeError, OSError) as e:  # the user's config, data, files or flags
+        if args.debug:
+            raise
+        print(f"fnn: error: {_one_line(e)}", file=sys.stderr)
         return 2
 
 

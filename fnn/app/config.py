@@ -18,9 +18,13 @@ A config has these sections (see ``configs/digits_cnn.yaml``)::
     host_malloc: default                   # or tuned: see fnn.app.runtime.tune_host_malloc
 
 Every key is checked: an unknown or mistyped key raises :class:`ConfigError` naming it, where it
-is, and the closest valid key. Language models (``charlstm``, ``gpt``) train on ``text`` data
-(the bundled corpus, or the UTF-8 file at ``data.path``); their ``vocab_size`` comes from the
-data. The other models train on ``digits``.
+is, and the closest valid key. Every value is checked too (:mod:`fnn.app.values`): its type
+against what the function it is given to takes (``learning_rate: 1e-3`` is a number, as users
+write it), its range where one can be meant (a positive learning rate, a drop probability in
+``[0, 1)``), the model's hyper-parameters by building the model (no JAX computation), and
+``data.seq_len`` against the model's ``max_length``. Language models (``charlstm``, ``gpt``)
+train on ``text`` data (the bundled corpus, or the UTF-8 file at ``data.path``); their
+``vocab_size`` comes from the data. The other models train on ``digits``.
 """
 
 from __future__ import annotations
@@ -33,9 +37,14 @@ from typing import Any, Callable, Mapping
 
 import optax
 
+from fnn.app.values import ConfigError, check_arguments, check_value, load_yaml
 from fnn.losses import LOSSES
 from fnn.models import GPT, MLP, CharLSTM, LeNet, ResNet, ViT
 from fnn.train.parallel import MODES
+
+__all__ = ["Config", "ConfigError", "parse_config", "load_config", "build_model",
+           "build_optimizer", "build_schedule", "build_loss", "MODELS", "MODEL_DATA",
+           "OPTIMIZERS", "SCHEDULES", "PRECISIONS", "HOST_MALLOC", "DATASETS"]
 
 MODELS: dict[str, Callable] = {"mlp": MLP, "lenet": LeNet, "resnet": ResNet, "vit": ViT,
                                "charlstm": CharLSTM, "gpt": GPT}
@@ -58,10 +67,6 @@ DATASETS = {"digits": ({"batch_size"}, set()),
 _OPTIONAL = {"parallel": {"mode": "none", "devices": None}, "precision": "float32",
              "checkpoint": {"every": None, "keep": 3}, "max_bad_steps": 10,
              "host_malloc": "default"}
-
-
-class ConfigError(ValueError):
-    """A config that cannot be run: an unknown key, a missing one, or a value of the wrong type."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -90,7 +95,8 @@ _SCALARS = {"epochs": int, "seed": int, "output_dir": str, "precision": str,
 def _unknown(where: str, key: str, allowed: set[str]) -> ConfigError:
     close = difflib.get_close_matches(key, sorted(allowed), n=1)
     hint = f"; did you mean {close[0]!r}?" if close else ""
-    return ConfigError(f"unknown key {key!r} in {where}{hint} (allowed: {', '.join(sorted(allowed))})")
+    listing = ", ".join(sorted(allowed))
+    return ConfigError(f"unknown key {key!r} in {where}{hint} (allowed: {listing})")
 
 
 def _check_keys(where: str, given: Mapping[str, Any], allowed: set[str]) -> None:
@@ -167,6 +173,9 @@ def parse_config(raw: Any) -> Config:
     if parallel["mode"] not in MODES:
         raise _unknown("parallel.mode", str(parallel["mode"]), set(MODES))
     _positive_or_none("parallel.devices", parallel["devices"])
+    if parallel["mode"] == "none" and (parallel["devices"] or 1) > 1:
+        raise ConfigError(f"parallel.devices is {parallel['devices']} but parallel.mode is none "
+                          f"(one device): give a mode, pmap or sharded (--parallel)")
     checkpoint = _options("checkpoint", raw["checkpoint"], _OPTIONAL["checkpoint"])
     _positive_or_none("checkpoint.every", checkpoint["every"])
     _positive_or_none("checkpoint.keep", checkpoint["keep"], allow_none=False)
@@ -182,6 +191,7 @@ def parse_config(raw: Any) -> Config:
         if key in model_kwargs:
             raise ConfigError(f"model ({model_name}): {key} comes from the data; remove it")
     _check_signature(f"model ({model_name})", MODELS[model_name], model_kwargs, skip=filled)
+    check_arguments(f"model ({model_name})", MODELS[model_name], model_kwargs)
     required, optional = DATASETS[data_name]
     _check_keys(f"data ({data_name})", data_kwargs, required | optional)
     for key in sorted(required):
@@ -194,30 +204,75 @@ def parse_config(raw: Any) -> Config:
         raise ConfigError(f"data.path must be a file path, got {data_kwargs['path']!r}")
     opt_name, opt_kwargs = _named_section(raw, "optimizer", OPTIMIZERS)
     _check_signature(f"optimizer ({opt_name})", OPTIMIZERS[opt_name], opt_kwargs)
+    if "learning_rate" not in opt_kwargs:  # the schedule is built from it
+        raise ConfigError(f"optimizer ({opt_name}) is missing learning_rate")
+    check_arguments(f"optimizer ({opt_name})", OPTIMIZERS[opt_name], opt_kwargs)
+    check_value(f"optimizer ({opt_name})", "learning_rate", opt_kwargs["learning_rate"],
+                "number")
     schedule_name, schedule_kwargs = _named_section(raw, "schedule", SCHEDULES)
     _check_keys(f"schedule ({schedule_name})", schedule_kwargs, SCHEDULES[schedule_name])
+    for key, kind in (("warmup_steps", "int"), ("end_value", "number")):
+        if key in schedule_kwargs:
+            check_value(f"schedule ({schedule_name})", key, schedule_kwargs[key], kind)
     loss_name, loss_kwargs = _named_section(raw, "loss", LOSSES)
     _check_signature(f"loss ({loss_name})", LOSSES[loss_name], loss_kwargs,
                      skip=("logits", "labels", "predictions", "targets"))
-    return Config(**{key: dict(raw[key]) if isinstance(raw[key], Mapping) else raw[key]
-                     for key in _TOP_LEVEL})
+    check_arguments(f"loss ({loss_name})", LOSSES[loss_name], loss_kwargs)
+    config = Config(**{key: dict(raw[key]) if isinstance(raw[key], Mapping) else raw[key]
+                       for key in _TOP_LEVEL})
+    _check_model(config)
+    return config
+
+
+def _check_model(config: Config) -> None:
+    """Builds the model (closures only: no JAX computation) so that its own checks of its
+    hyper-parameters run now, and checks the data's windows against its ``max_length``."""
+    name = config.model["name"]
+    filled = {key: 2 for key in MODEL_DATA[name][1]}  # stand-ins for what the data fills in
+    try:
+        build_model(config, **filled)
+    except (ValueError, TypeError) as e:
+        raise ConfigError(f"model ({name}): {e}") from None
+    params = inspect.signature(MODELS[name]).parameters
+    if "max_length" in params and "seq_len" in config.data:
+        max_length = config.model.get("max_length", params["max_length"].default)
+        if config.data["seq_len"] > max_length:
+            raise ConfigError(f"data.seq_len ({config.data['seq_len']}) must be at most the "
+                              f"model's max_length ({max_length}): a window longer than the "
+                              f"position table cannot be embedded")
 
 
 def load_config(path: str | Path, overrides: Mapping[str, Any] | None = None) -> Config:
     """Reads and checks a YAML config; ``overrides`` replace top-level scalars (e.g. epochs)."""
     import yaml
 
-    text = Path(path).read_text()
+    if Path(path).is_dir():
+        raise ConfigError(f"{path} is a directory, not a config file")
+    text = Path(path).read_text(encoding="utf-8")
     try:
-        raw = yaml.safe_load(text)
+        raw = load_yaml(text)
     except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML: {e}") from e
+        raise ConfigError(f"{path}: not valid YAML: {' '.join(str(e).split())}") from e
     if isinstance(raw, dict) and overrides:
-        raw = raw | dict(overrides)
+        raw = _merge(raw, overrides)
     try:
         return parse_config(raw)
     except ConfigError as e:
         raise ConfigError(f"{path}: {e}") from e
+
+
+def _merge(raw: dict, overrides: Mapping[str, Any]) -> dict:
+    """``raw`` with ``overrides``: a mapping given for a section (``parallel: {devices: 4}``)
+    updates that section's keys rather than replacing it (a bare value, ``parallel: pmap``, is
+    the section's shorthand and counts as a mapping of it)."""
+    merged = dict(raw)
+    for key, value in overrides.items():
+        base = merged.get(key)
+        if key == "parallel" and isinstance(base, str):
+            base = {"mode": base}
+        merged[key] = (dict(base) | dict(value) if isinstance(base, Mapping)
+                       and isinstance(value, Mapping) else value)
+    return merged
 
 
 def build_schedule(config: Config, total_steps: int) -> optax.Schedule:
@@ -225,7 +280,7 @@ def build_schedule(config: Config, total_steps: int) -> optax.Schedule:
     lr = config.optimizer["learning_rate"]
     kwargs = {k: v for k, v in config.schedule.items() if k != "name"}
     warmup = kwargs.get("warmup_steps", 0)
-    if warmup >= total_steps and config.schedule["name"] == "cosine":
+    if warmup >= total_steps:
         raise ConfigError(f"schedule.warmup_steps ({warmup}) must be less than the run's "
                           f"{total_steps} steps (epochs x batches per epoch)")
     if config.schedule["name"] == "constant":
@@ -241,18 +296,13 @@ def build_optimizer(config: Config, total_steps: int) -> optax.GradientTransform
 
 def build_model(config: Config, **filled: Any):
     """The config's model, wrapped in its precision policy. ``filled``: the arguments that come
-    from the data (``vocab_size``). Under ``parallel: pmap`` a model that takes an
-    ``axis_name`` (BatchNorm statistics) gets the data axis unless the config sets one."""
+    from the data (``vocab_size``). (Under ``parallel: pmap`` fnn's data-parallel step makes
+    BatchNorm average its statistics over the devices, as in Python.)"""
     from fnn.precision import Policy, with_policy
-    from fnn.train.parallel import DATA_AXIS
 
     name = config.model["name"]
     kwargs = {k: v for k, v in config.model.items() if k != "name"} | filled
-    factory = MODELS[name]
-    if (config.parallel["mode"] == "pmap" and "axis_name" not in kwargs
-            and "axis_name" in inspect.signature(factory).parameters):
-        kwargs["axis_name"] = DATA_AXIS
-    model = factory(**kwargs)
+    model = MODELS[name](**kwargs)
     return model if config.precision == "float32" else with_policy(
         model, Policy.parse(config.precision))
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -10,15 +11,14 @@ def plot_history(history: Sequence[dict[str, Any]], path: str | Path | None = No
     """One panel per metric (loss, accuracy, ...): train and held-out values (``test_``,
     ``valid_``) against the epoch.
 
-    Returns the ``matplotlib.figure.Figure`` (shown inline by notebooks) and writes it as a PNG
-    to ``path`` if given. It never changes matplotlib's backend.
+    Returns a ``matplotlib.figure.Figure`` and writes it as a PNG to ``path`` if given. As a
+    notebook cell's last expression the figure shows as the plot, in a fresh kernel too (it
+    renders itself as a PNG), and it never changes matplotlib's backend.
     """
-    from matplotlib.figure import Figure
-
     names = sorted({k.split("_", 1)[1] for k in history[0] if k.startswith("train_")})
     splits = ["train"] + sorted({k.split("_", 1)[0] for k in history[0] if "_" in k
                                  and k.split("_", 1)[1] in names} - {"train"})
-    fig = Figure(figsize=(5 * len(names), 3.5))
+    fig = _inline_figure()(figsize=(5 * len(names), 3.5))
     axes = fig.subplots(1, len(names), squeeze=False)[0]
     epochs = [row["epoch"] for row in history]
     for ax, name in zip(axes, names):
@@ -34,3 +34,21 @@ def plot_history(history: Sequence[dict[str, Any]], path: str | Path | None = No
     if path is not None:
         fig.savefig(path, dpi=100)
     return fig
+
+
+@functools.lru_cache(maxsize=None)
+def _inline_figure() -> type:
+    """A ``Figure`` that a notebook shows as a PNG (IPython calls ``_repr_png_``) whether or not
+    matplotlib's inline backend is set up."""
+    from matplotlib.figure import Figure
+
+    class HistoryFigure(Figure):
+        def _repr_png_(self) -> bytes:
+            import io
+
+            buffer = io.BytesIO()
+            self.savefig(buffer, format="png", dpi=100)
+            return buffer.getvalue()
+
+    return HistoryFigure
+

@@ -7,7 +7,12 @@ from typing import Iterator
 import numpy as np
 
 
-def num_batches(n: int, batch_size: int, drop_remainder: bool) -> int:
+def num_batches(n: int, batch_size: int, *, drop_remainder: bool = True) -> int:
+    """How many batches :func:`batches` yields for ``n`` examples (the same default for
+    ``drop_remainder``)."""
+    if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size <= 0:
+        raise ValueError(f"num_batches: batch_size must be a positive integer, got "
+                         f"{batch_size!r}")
     return n // batch_size if drop_remainder else -(-n // batch_size)
 
 
@@ -34,6 +39,6 @@ def batches(x: np.ndarray, y: np.ndarray, batch_size: int, *, seed: int | None =
         raise ValueError(f"batches: batch_size {batch_size} is larger than the data ({len(x)} "
                          f"examples) and drop_remainder is set, so there would be no batch")
     order = np.arange(len(x)) if seed is None else epoch_order(len(x), seed, epoch)
-    for b in range(num_batches(len(x), batch_size, drop_remainder)):
+    for b in range(num_batches(len(x), batch_size, drop_remainder=drop_remainder)):
         index = order[b * batch_size:(b + 1) * batch_size]
         yield x[index], y[index]

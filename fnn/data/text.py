@@ -90,11 +90,7 @@ def load_text(path: str | os.PathLike | None = None) -> TextSplit:
 
     With no ``path`` the text is :func:`default_corpus`; otherwise the UTF-8 file at ``path``.
     """
-    if path is None:
-        text = default_corpus()
-    else:
-        with open(path, encoding="utf-8") as f:
-            text = f.read()
+    text = default_corpus() if path is None else read_text_file(path)
     if len(text) < 2:
         raise ValueError(f"load_text: the text must have at least 2 characters, got "
                          f"{len(text)}" + (f" in {os.fspath(path)!r}" if path else ""))
@@ -102,6 +98,22 @@ def load_text(path: str | os.PathLike | None = None) -> TextSplit:
     ids = vocab.encode(text)
     n_valid = max(1, int(round(len(ids) * VALID_FRACTION)))
     return TextSplit(ids[:-n_valid], ids[-n_valid:], vocab)
+
+
+def read_text_file(path: str | os.PathLike) -> str:
+    """The UTF-8 text of the file at ``path``; a directory, a missing file or bytes that are not
+    UTF-8 raise an error naming the file (and the offset of the first bad byte)."""
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        raise IsADirectoryError(f"load_text: {path!r} is a directory, not a text file")
+    with open(path, "rb") as f:
+        data = f.read()
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"load_text: {path!r} is not UTF-8 text: byte {data[e.start]:#04x} at "
+                         f"offset {e.start} ({e.reason})") from None
+    return text.replace("\r\n", "\n").replace("\r", "\n")  # universal newlines, as open() does
 
 
 def _check(ids: np.ndarray, batch_size: int, seq_len: int) -> None:

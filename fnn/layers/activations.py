@@ -10,7 +10,7 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 
-from fnn.core import Layer, check_rank, per_position, where
+from fnn.core import Layer, check_rank, expect_params, per_position, where
 
 
 def Lambda(fn: Callable[[jax.Array], jax.Array], name: str = "Lambda") -> Layer:
@@ -21,6 +21,7 @@ def Lambda(fn: Callable[[jax.Array], jax.Array], name: str = "Lambda") -> Layer:
         return {}, {}
 
     def apply(params, state, x, *, key=None, train=False):
+        expect_params(name, params, {})  # no params: another layer's would be a mistake
         return fn(x), state
 
     return per_position(Layer(init, apply, name))

@@ -53,6 +53,10 @@ def _dimension_numbers(n: int) -> lax.ConvDimensionNumbers:
                                     out_spec=(0, n + 1) + spatial)
 
 
+def _size(window: tuple[int, ...]) -> str:
+    return "x".join(map(str, window))
+
+
 def _one_batch_axis(fn, x: jax.Array, n: int) -> jax.Array:
     """Runs ``fn`` on ``x`` reshaped to exactly one batch axis, then restores the leading axes."""
     lead = x.shape[:x.ndim - n - 1]
@@ -71,13 +75,33 @@ def _settings(name: str, features: int, kernel_size, strides, padding, dilation)
             _padding(name, padding, n), _tuple(name, "dilation", dilation, n))
 
 
+def check_nonempty(name: str, x, window: tuple[int, ...], padding, what: str) -> None:
+    """Raises unless every spatial axis of ``x: [..., *spatial, C]`` is at least as long as a
+    window of ``window`` (the dilated kernel, or the pooling window) needs under ``padding``
+    (``"SAME"``, ``"VALID"`` or ``(low, high)`` pairs): a shorter axis gives an empty output."""
+    n = len(window)
+    pads = [(0, 0)] * n if padding == "VALID" else padding
+    if padding == "SAME":
+        smallest = (1,) * n
+    else:
+        smallest = tuple(max(1, w - lo - hi) for w, (lo, hi) in zip(window, pads))
+    if any(size < least for size, least in zip(x.shape[-n - 1:-1], smallest)):
+        axes = ("L",) if n == 1 else ("H", "W") if n == 2 else ("D", "H", "W")
+        sizes = ", ".join(f"{axis} >= {least}" for axis, least in zip(axes, smallest))
+        raise shape_error(name, f"[..., {sizes}, features] (the smallest that {what} takes: a "
+                          f"smaller input gives an empty output)", x)
+
+
 def _conv_init(name: str, kernel: tuple[int, ...], features: int, groups: int, use_bias: bool,
-               w_init, b_init, param_dtype):
-    """The ``init`` shared by Conv and ConvTranspose: a kernel and an optional bias."""
+               w_init, b_init, param_dtype, check=None):
+    """The ``init`` shared by Conv and ConvTranspose: a kernel and an optional bias; ``check``
+    (if given) checks the input first."""
     n = len(kernel)
 
     def init(key, x):
         check_rank(name, x, n + 1, f"[..., {n} spatial axes, in_features]")
+        if check is not None:
+            check(x)
         in_features = x.shape[-1]
         if in_features % groups:
             raise shape_error(name, f"[..., {n} spatial axes, in_features divisible by "
@@ -121,9 +145,15 @@ def Conv(features: int, kernel_size: int | Sequence[int], *, strides: int | Sequ
         raise ValueError(f"Conv: features ({features}) must be divisible by "
                          f"feature_group_count ({groups})")
     dimension_numbers = _dimension_numbers(n)
+    dilated = tuple(d * (k - 1) + 1 for k, d in zip(kernel, dilation_))
+
+    def nonempty(x):
+        check_nonempty("Conv", x, dilated, padding_, f"the kernel {_size(kernel)} with padding "
+                                                      f"{padding!r}")
 
     def apply(params, state, x, *, key=None, train=False):
         _check_call("Conv", params, x, kernel, "in_features // groups", features, use_bias)
+        nonempty(x)
         w = params["w"]
         if x.shape[-1] != w.shape[-2] * groups:
             raise shape_error("Conv", f"[..., {n} spatial axes, {w.shape[-2] * groups}]", x)
@@ -140,7 +170,8 @@ def Conv(features: int, kernel_size: int | Sequence[int], *, strides: int | Sequ
             y = y + align(params["b"].astype(dt), y.ndim)
         return y, state
 
-    init = _conv_init("Conv", kernel, features, groups, use_bias, w_init, b_init, param_dtype)
+    init = _conv_init("Conv", kernel, features, groups, use_bias, w_init, b_init, param_dtype,
+                      check=nonempty)
     return Layer(init, apply, "Conv")
 
 

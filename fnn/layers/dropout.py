@@ -5,7 +5,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from fnn.core import Layer, check_train, per_position, require_key
+from fnn.core import Layer, check_train, expect_params, per_position, require_key
 
 
 def Dropout(rate: float) -> Layer:
@@ -25,6 +25,7 @@ def Dropout(rate: float) -> Layer:
 
     def apply(params, state, x, *, key=None, train=False):
         check_train(train)
+        expect_params("Dropout", params, {})
         if not train or rate == 0.0:
             return x, state
         key = require_key("Dropout", key)

@@ -6,10 +6,11 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.nn import initializers
 
-from fnn.core import (Children, Initializer, Layer, LayerError, check_positive, compute_dtype,
-                      expect_params, map_array, per_position, shape_error, where)
+from fnn.core import (Children, Initializer, Layer, LayerError, ShapeError, check_positive,
+                      compute_dtype, expect_params, map_array, per_position, shape_error, where)
 
 
 def Embedding(num_embeddings: int, features: int, *,
@@ -19,11 +20,27 @@ def Embedding(num_embeddings: int, features: int, *,
     ``{"table": [num_embeddings, features]}``, initialised from a standard normal.
     Position-wise: a ``Seq`` of ids passes through (its lengths, positions, ... kept).
 
+    Ids outside ``[0, num_embeddings)``: given as values (eagerly, outside ``jit``) they raise
+    :class:`~fnn.core.ShapeError` naming the first bad id; inside ``jit``, where ids are not
+    known and nothing can be raised, their rows are zero (not a clamped or wrapped row of
+    another id, and not NaN, which a causal attention would carry to every earlier position
+    through its zero weights). fnn checks ids on the host wherever they come from it
+    (``generate``'s prompt, ``language_model_task``, the CLI's data).
+
     To tie output weights to the table (logits ``h @ table.T``), see :func:`tied` and
     :func:`attend`.
     """
     check_positive("Embedding", num_embeddings=num_embeddings, features=features)
     expected = {"table": (num_embeddings, features)}
+
+    def _check_ids(ids) -> None:
+        ids = np.asarray(ids)
+        bad = (ids < 0) | (ids >= num_embeddings)
+        if bad.any():
+            first = np.unravel_index(int(np.argmax(bad)), ids.shape)
+            raise ShapeError(f"{where('Embedding')}: expected ids in [0, {num_embeddings}), got "
+                             f"{int(ids[first])} at index {list(map(int, first))} "
+                             f"({int(bad.sum())} of {ids.size} ids outside the table)")
 
     def init(key, x):
         if not jnp.issubdtype(x.dtype, jnp.integer):
@@ -34,9 +51,13 @@ def Embedding(num_embeddings: int, features: int, *,
         expect_params("Embedding", params, expected)
         if not jnp.issubdtype(jnp.result_type(x), jnp.integer):
             raise shape_error("Embedding", "integer ids int[...]", x)
+        if not isinstance(x, jax.core.Tracer):
+            _check_ids(x)
         # the table's own dtype, not param_dtype: a precision policy hands in a cast table
         dt = dtype if dtype is not None else params["table"].dtype
-        return jnp.take(params["table"], x, axis=0).astype(dt), state
+        inside = (x >= 0) & (x < num_embeddings)  # a negative id would wrap around in jnp.take
+        rows = jnp.take(params["table"], jnp.where(inside, x, 0), axis=0).astype(dt)
+        return jnp.where(inside[..., None], rows, jnp.zeros((), dt)), state
 
     return per_position(Layer(init, apply, "Embedding"))
 

@@ -13,9 +13,9 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from fnn.core import (Layer, Seq, align, at_least_float32, check_floating, check_rank,
-                      check_train, expect_params, per_position, seq_lengths, shape_error,
-                      valid_positions)
+from fnn.core import (Layer, Seq, UnboundAxisError, align, at_least_float32, check_floating,
+                      check_rank, check_train, compute_dtype, current_batch_axis, expect_params,
+                      per_position, seq_lengths, shape_error, valid_positions, where)
 
 
 def _affine_params(features: int, use_scale: bool, use_bias: bool, param_dtype) -> dict:
@@ -43,7 +43,7 @@ def _normalize(x, mean, var, params, epsilon: float, dtype) -> jax.Array:
     if "b" in params:
         shift = shift + align(params["b"].astype(mul.dtype), ndim)
     y = x.astype(mul.dtype) * mul + shift
-    return y.astype(dtype if dtype is not None else x.dtype)
+    return y.astype(compute_dtype(dtype, x, x.dtype))
 
 
 def _check_features(name: str, x, features: int) -> None:
@@ -75,6 +75,22 @@ def _batch_moments(x: jax.Array, valid: jax.Array | None, axis_name: str | None)
     return mean, var
 
 
+def _axis(name: str, axis_name: str | None) -> str | None:
+    """The mapped axis to average statistics over: the layer's own, else the batch axis of
+    fnn's data-parallel step (:func:`fnn.core.batch_axis`); checked to be bound."""
+    axis = current_batch_axis() if axis_name is None else axis_name
+    if axis is not None:
+        try:
+            lax.axis_index(axis)
+        except NameError as e:
+            raise UnboundAxisError(
+                f"{where(name)}: averages its batch statistics over the mapped axis {axis!r}, "
+                f"which is not bound here: call the model inside the jax.pmap or shard_map over "
+                f"{axis!r} it was written for, or build it without axis_name (fnn.train's data "
+                f"parallel modes then give every device the whole batch's statistics)") from e
+    return axis
+
+
 def BatchNorm(*, momentum: float = 0.99, epsilon: float = 1e-5, axis_name: str | None = None,
               use_scale: bool = True, use_bias: bool = True, param_dtype: Any = jnp.float32,
               dtype: Any = None) -> Layer:
@@ -87,7 +103,10 @@ def BatchNorm(*, momentum: float = 0.99, epsilon: float = 1e-5, axis_name: str |
     as ``new = momentum * old + (1 - momentum) * batch`` (the biased batch variance);
     ``train=False`` normalises with the running statistics and leaves them unchanged. With
     ``axis_name``, training statistics are averaged over that mapped axis (``jax.pmap``,
-    ``shard_map``), so every device normalises with the statistics of the global batch.
+    ``shard_map``), so every device normalises with the statistics of the global batch; called
+    where that axis is not bound it raises :class:`~fnn.core.UnboundAxisError`. Without one,
+    fnn's own data-parallel step (``mode="pmap"``) averages over its device axis all the same,
+    so the same model gives the same statistics on one device and on several.
     Given a ``Seq`` with ``lengths`` (``x: [..., time, features]``), the statistics leave the
     padded positions out; the ``Seq`` is passed on.
     """
@@ -117,7 +136,7 @@ def BatchNorm(*, momentum: float = 0.99, epsilon: float = 1e-5, axis_name: str |
         else:
             lengths = seq_lengths(name, seq)
             valid = None if lengths is None else valid_positions(lengths, x.shape[-2])[..., None]
-            mean, var = _batch_moments(x, valid, axis_name)
+            mean, var = _batch_moments(x, valid, _axis(name, axis_name))
             new_state = {
                 "mean": momentum * state["mean"] + (1.0 - momentum) * mean.astype(jnp.float32),
                 "var": momentum * state["var"] + (1.0 - momentum) * var.astype(jnp.float32),
@@ -172,7 +191,7 @@ def RMSNorm(*, epsilon: float = 1e-6, use_scale: bool = True, param_dtype: Any =
     return _feature_norm("RMSNorm", moments, epsilon, use_scale, False, param_dtype, dtype)
 
 
-def GroupNorm(num_groups: int = 32, *, start_axis: int = 1, epsilon: float = 1e-5,
+def GroupNorm(num_groups: int = 32, *, start_axis: int, epsilon: float = 1e-5,
               use_scale: bool = True, use_bias: bool = True, param_dtype: Any = jnp.float32,
               dtype: Any = None) -> Layer:
     """Splits the channels into ``num_groups`` groups of consecutive channels and normalises each
@@ -180,7 +199,8 @@ def GroupNorm(num_groups: int = 32, *, start_axis: int = 1, epsilon: float = 1e-
 
     Shapes: ``x: [*lead, *spatial, features] -> same``, where the spatial axes run from
     ``start_axis`` to the last but one (a negative ``start_axis`` counts from the end:
-    ``GroupNorm(8, start_axis=-3)`` for ``[..., H, W, C]``, which also works under ``jax.vmap``).
+    ``GroupNorm(8, start_axis=-3)`` for ``[..., H, W, C]``, which also works under ``jax.vmap``;
+    no default, as for :func:`~fnn.layers.reshape.Flatten`).
     ``features`` must be divisible by ``num_groups``. Params ``{"scale", "b"}``, each
     ``[features]``.
     """

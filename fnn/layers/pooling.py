@@ -15,9 +15,9 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from fnn.core import (Layer, Seq, check_floating, check_rank, seq_lengths, shape_error,
-                      valid_positions)
-from fnn.layers.conv import Padding, _padding, _tuple
+from fnn.core import (Layer, Seq, check_floating, check_rank, expect_params, seq_lengths,
+                      shape_error, valid_positions)
+from fnn.layers.conv import Padding, _padding, _tuple, check_nonempty
 
 
 def _pool(name: str, window: int | Sequence[int], strides, padding: Padding, reduce):
@@ -32,12 +32,18 @@ def _pool(name: str, window: int | Sequence[int], strides, padding: Padding, red
     padding_ = _padding(name, padding, n)
     expected = f"[..., {n} spatial axes, features]"
 
-    def init(key, x):
+    def check(x):
         check_rank(name, x, n + 1, expected)
+        check_nonempty(name, x, window_, padding_, f"the window {'x'.join(map(str, window_))} "
+                                                   f"with padding {padding!r}")
+
+    def init(key, x):
+        check(x)
         return {}, {}
 
     def apply(params, state, x, *, key=None, train=False):
-        check_rank(name, x, n + 1, expected)
+        expect_params(name, params, {})
+        check(x)
         lead = x.ndim - n - 1
         dims = (1,) * lead + window_ + (1,)
         steps = (1,) * lead + strides_ + (1,)
@@ -157,6 +163,7 @@ def _global(name: str, start_axis: int, reduce, masked) -> Layer:
         return {}, {}
 
     def apply(params, state, x, *, key=None, train=False):
+        expect_params(name, params, {})
         if not isinstance(x, Seq):
             return reduce(x, axis=axes(x)), state
         # a sequence: pooled over its time axis, the padded positions left out
@@ -182,10 +189,13 @@ def _masked_max(x, valid, lengths):
     return jnp.where((lengths > 0)[..., None], y, jnp.zeros((), x.dtype))
 
 
-def GlobalAvgPool(start_axis: int = 1) -> Layer:
+def GlobalAvgPool(start_axis: int) -> Layer:
     """Mean over every spatial axis: ``[*lead, *spatial, C] -> [*lead, C]``. Spatial axes run
-    from ``start_axis`` to the last but one; a negative ``start_axis`` counts from the end
-    (``GlobalAvgPool(-3)`` for ``[..., H, W, C]``, which also works under ``jax.vmap``).
+    from ``start_axis`` to the last but one; a negative ``start_axis`` counts from the end:
+    ``-3`` pools ``[..., H, W, C]`` images with any number of batch axes, none included
+    (``jax.vmap`` over single images), ``-2`` sequences ``[..., time, C]``, ``-4`` volumes, and
+    ``1`` everything after one batch axis. There is no default: which axes are batch axes
+    cannot be told from a shape, and a wrong guess would mix examples without a word.
 
     A ``Seq`` ``[..., time, C]`` (with ``start_axis=-2``) is pooled over its time axis and gives a
     plain array ``[..., C]``; with ``lengths`` the mean is over each sequence's valid positions
@@ -193,7 +203,7 @@ def GlobalAvgPool(start_axis: int = 1) -> Layer:
     return _global("GlobalAvgPool", start_axis, jnp.mean, _masked_mean)
 
 
-def GlobalMaxPool(start_axis: int = 1) -> Layer:
+def GlobalMaxPool(start_axis: int) -> Layer:
     """Maximum over every spatial axis: ``[*lead, *spatial, C] -> [*lead, C]``; axes and
     ``Seq`` inputs as in :func:`GlobalAvgPool` (the maximum over the valid positions, zero for
     an empty sequence)."""

@@ -47,14 +47,23 @@ def _check_sequence(name: str, x: Any, max_length: int | None) -> jax.Array:
     return h
 
 
+def _check_positions(name: str, positions: jax.Array, max_length: int) -> None:
+    values = np.asarray(positions)
+    if values.size and (values.min() < 0 or values.max() >= max_length):
+        bad = values.max() if values.max() >= max_length else values.min()
+        raise ShapeError(f"{where(name)}: expected positions in [0, {max_length}) (the table's "
+                         f"rows), got {int(bad)}")
+
+
 def LearnedPositionEmbedding(max_length: int, *,
                              table_init: Initializer = initializers.normal(stddev=0.02),
                              param_dtype: Any = jnp.float32, dtype: Any = None) -> Layer:
     """Adds a learned position embedding (BERT, GPT-2): ``y[..., t, :] = x[..., t, :] +
     table[position t]``. ``x: [..., time, features] -> [..., time, features]``; params
     ``{"table": [max_length, features]}`` (normal, stddev 0.02). Without positions ``time >
-    max_length`` is an error; a ``Seq``'s ``positions`` past the table are clamped to its last
-    row (not detectable under ``jit``). A ``Seq`` passes through.
+    max_length`` is an error; so are a ``Seq``'s ``positions`` outside ``[0, max_length)``
+    given as values (eagerly); under ``jit``, where they are not known, they are clamped to the
+    table. A ``Seq`` passes through.
 
     >>> import jax, jax.numpy as jnp
     >>> layer = LearnedPositionEmbedding(16)
@@ -77,6 +86,8 @@ def LearnedPositionEmbedding(max_length: int, *,
             raise shape_error(name, f"[..., time, {table.shape[1]}]", x)
         dt = compute_dtype(dtype, h, param_dtype)
         positions = seq_positions(name, x)
+        if positions is not None and not isinstance(positions, jax.core.Tracer):
+            _check_positions(name, positions, max_length)
         emb = table[:h.shape[-2]] if positions is None else jnp.take(table, positions, axis=0,
                                                                         mode="clip")
         y = h.astype(dt) + align(emb.astype(dt), h.ndim)
@@ -128,6 +139,7 @@ def SinusoidalPositionEmbedding(max_length: int | None = None, base: float = 100
         return {}, {}
 
     def apply(params, state, x, *, key=None, train=False):
+        expect_params(name, params, {})
         h = _check_sequence(name, x, max_length)
         check_floating(name, h, "[..., time, features]")
         positions = seq_positions(name, x)

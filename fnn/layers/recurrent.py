@@ -114,7 +114,7 @@ from jax.nn import initializers
 
 from fnn.combinators import combiner
 from fnn.core import (Children, Initializer, Layer, Params, Seq, align, array_of, check_positive,
-                      check_rank, compute_dtype, seq_lengths, shape_error)
+                      check_rank, compute_dtype, expect_params, seq_lengths, shape_error)
 
 Carry = Any  # a NamedTuple of arrays [..., features]
 
@@ -486,6 +486,19 @@ def _run(cell: Cell, params: Params, x: jax.Array, lengths: jax.Array | None, *,
     return jnp.moveaxis(ys, 0, -2), carry
 
 
+def _check_cell_params(name: str, cell: Cell, params: Params, x: Any) -> None:
+    """The params against what ``cell.init`` makes (shapes only): for the input size the
+    params were made for, so that an input of another size is blamed on the input."""
+    try:
+        in_features = cell.in_features(params)
+    except (KeyError, TypeError, AttributeError, IndexError):
+        h = array_of(x)
+        in_features = h.shape[-1] if hasattr(h, "shape") and h.shape else 1
+    spec = jax.ShapeDtypeStruct((1, int(in_features)), jnp.float32)
+    expected = jax.eval_shape(cell.init, jax.random.key(0), spec)
+    expect_params(name, params, jax.tree.map(lambda leaf: tuple(leaf.shape), expected))
+
+
 def _layer_name(cell: Cell) -> str:
     """``"LSTM"`` for an ``LSTMCell``: the name of the layer that runs the cell."""
     return cell.name.removesuffix("Cell") or "RNN"
@@ -541,6 +554,7 @@ def RNN(cell: Cell, *, reverse: bool = False, unroll: int | bool = 1,
         return cell.init(key, h), {}
 
     def apply(params, state, x, *, key=None, train=False):
+        _check_cell_params(name, cell, params, x)
         h, lengths = _sequence(name, x, cell.in_features(params))
         outputs, carry = _run(cell, params, h, lengths, reverse=reverse, unroll=unroll)
         y = x.with_x(outputs) if isinstance(x, Seq) else outputs

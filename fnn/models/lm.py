@@ -27,6 +27,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 from jax.nn import initializers
 
@@ -238,24 +239,36 @@ def sample_logits(key: jax.Array, logits: jax.Array, *, temperature: float = 1.0
     return jax.random.categorical(key, logits / temperature, axis=-1).astype(jnp.int32)
 
 
-@functools.partial(jax.jit, static_argnames=("apply", "num_tokens", "temperature", "top_k"))
-def _generate(apply, params, state, prompt, key, *, num_tokens, temperature, top_k):
+@functools.partial(jax.jit, static_argnames=("apply", "num_tokens", "temperature", "top_k",
+                                             "limit"))
+def _generate(apply, params, state, prompt, key, *, num_tokens, temperature, top_k, limit):
+    """Tokens ``p .. limit`` (all, without a ``limit``) come from decode-mode calls on the
+    state; each later one from a full pass over the ``limit`` tokens before it."""
     sample = functools.partial(sample_logits, temperature=temperature, top_k=top_k)
     p = prompt.shape[-1]
     out = jnp.concatenate([prompt, jnp.zeros(prompt.shape[:-1] + (num_tokens,), jnp.int32)],
                           axis=-1)
-    logits, state = apply(params, state, prompt)
-    token = sample(jax.random.fold_in(key, 0), logits[..., -1, :])
-    out = lax.dynamic_update_index_in_dim(out, token, p, axis=-1)
+    cached = num_tokens if limit is None else max(0, min(num_tokens, limit + 1 - p))
+    if cached:
+        logits, state = apply(params, state, prompt)
+        token = sample(jax.random.fold_in(key, 0), logits[..., -1, :])
+        out = lax.dynamic_update_index_in_dim(out, token, p, axis=-1)
 
-    def body(i, loop):
-        out, token, state = loop
-        logits, state = apply(params, state, token[..., None])
-        token = sample(jax.random.fold_in(key, i), logits[..., 0, :])
-        return lax.dynamic_update_index_in_dim(out, token, p + i, axis=-1), token, state
+        def decode(i, loop):
+            out, token, state = loop
+            logits, state = apply(params, state, token[..., None])
+            token = sample(jax.random.fold_in(key, i), logits[..., 0, :])
+            return lax.dynamic_update_index_in_dim(out, token, p + i, axis=-1), token, state
 
-    out, _, _ = lax.fori_loop(1, num_tokens, body, (out, token, state))
-    return out
+        out, _, _ = lax.fori_loop(1, cached, decode, (out, token, state))
+
+    def slide(i, out):  # token p + i from the window of the `limit` tokens before it
+        window = lax.dynamic_slice_in_dim(out, p + i - limit, limit, axis=-1)
+        logits, _ = apply(params, {}, window)
+        token = sample(jax.random.fold_in(key, i), logits[..., -1, :])
+        return lax.dynamic_update_index_in_dim(out, token, p + i, axis=-1)
+
+    return lax.fori_loop(cached, num_tokens, slide, out) if cached < num_tokens else out
 
 
 def _cache_length(state: dict) -> int | None:
@@ -277,9 +290,14 @@ def generate(model: Layer, params: dict, state: dict, prompt_ids: Any, num_token
     jitted function: the prompt runs once through ``model.apply`` in decode mode, then every new
     token is one more decode-mode call on that token inside a ``lax.fori_loop``. Token ``i``
     (from 0) is drawn with ``fold_in(key, i)``. ``temperature=0`` is greedy decoding; ``top_k``
-    keeps the ``k`` largest logits before sampling. For a GPT, ``prompt_len + num_tokens`` must
-    fit the cache. Compiles once per prompt shape, ``num_tokens``, ``temperature`` and
-    ``top_k``.
+    keeps the ``k`` largest logits before sampling. Compiles once per prompt shape,
+    ``num_tokens``, ``temperature`` and ``top_k``.
+
+    A GPT sees at most its cache's length (its ``max_length``) of tokens: past it, generation
+    goes on with a sliding window, each new token predicted by a full pass over the last
+    ``max_length`` tokens (positions counted from the window's start, as the model was
+    trained), so a continuation may be longer than the model's context. The prompt's ids must
+    lie in the model's vocabulary (checked here, on the host).
     """
     if not isinstance(model, Layer):
         raise TypeError(f"generate: model must be a Layer, got {type(model).__name__}")
@@ -294,17 +312,28 @@ def generate(model: Layer, params: dict, state: dict, prompt_ids: Any, num_token
     if not isinstance(num_tokens, int) or isinstance(num_tokens, bool) or num_tokens < 0:
         raise ValueError(f"generate: num_tokens must be a non-negative integer, got "
                          f"{num_tokens!r}")
-    if not isinstance(temperature, (int, float)) or temperature < 0:
+    if not isinstance(temperature, (int, float)) or not temperature >= 0:  # NaN too
         raise ValueError(f"generate: temperature must be a number >= 0, got {temperature!r}")
     if top_k is not None:
         check_positive("generate", top_k=top_k)
+    _check_vocabulary(params, prompt)
     limit = _cache_length(state)
-    if limit is not None and prompt.shape[-1] + num_tokens > limit:
-        raise ValueError(f"generate: prompt length {prompt.shape[-1]} + num_tokens {num_tokens} "
-                         f"exceeds the decode cache's length {limit} (the model's max_length "
-                         f"unless init_gpt_cache was given another)")
     prompt = prompt.astype(jnp.int32)
     if num_tokens == 0:
         return prompt
     return _generate(model.apply, params, state, prompt, key, num_tokens=num_tokens,
-                     temperature=float(temperature), top_k=top_k)
+                     temperature=float(temperature), top_k=top_k, limit=limit)
+
+
+def _check_vocabulary(params: dict, prompt: jax.Array) -> None:
+    """Raises unless the prompt's ids lie in the model's embedding table (inside ``jit`` an id
+    outside it would give NaN logits)."""
+    table = params.get("embed", {}).get("table") if isinstance(params, dict) else None
+    if table is None:
+        return
+    ids = np.asarray(prompt)
+    bad = (ids < 0) | (ids >= table.shape[0])
+    if bad.any():
+        first = int(ids.reshape(-1)[np.argmax(bad.reshape(-1))])
+        raise ValueError(f"generate: the prompt's ids must lie in the model's vocabulary "
+                         f"[0, {table.shape[0]}), got {first}")

@@ -24,6 +24,9 @@ def MLP(hidden_features: Sequence[int], out_features: int, *, activation: str = 
     {'dense1': {'b': (32,), 'w': (64, 32)}, 'head': {'b': (10,), 'w': (32, 10)}}
     """
     check_positive("MLP", hidden_features=tuple(hidden_features), out_features=out_features)
+    if not isinstance(flatten_axes, int) or isinstance(flatten_axes, bool) or flatten_axes < 0:
+        raise ValueError(f"MLP: flatten_axes must be an int >= 0 (how many trailing axes to "
+                         f"flatten), got {flatten_axes!r}")
     layers: dict[str, Layer] = {}
     if flatten_axes:
         layers["flatten"] = Flatten(-flatten_axes)

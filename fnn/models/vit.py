@@ -39,6 +39,31 @@ def _PatchPositions() -> Layer:
     return Layer(init, apply, name)
 
 
+def _Patches(features: int, patch_size: int) -> Layer:
+    """The patch embedding: ``Conv(features, (p, p), strides=(p, p), padding="VALID")`` on
+    images whose ``H`` and ``W`` are multiples of ``p`` (others would lose their last rows and
+    columns): ``[..., H, W, C] -> [..., H / p, W / p, features]``; the Conv's params."""
+    conv = Conv(features, (patch_size, patch_size), strides=(patch_size, patch_size),
+                padding="VALID")
+    name = "PatchEmbedding"
+
+    def check(x):
+        check_rank(name, x, 3, "[..., H, W, C]")
+        if x.shape[-3] % patch_size or x.shape[-2] % patch_size:
+            raise shape_error(name, f"[..., H, W, C] with H and W multiples of "
+                                    f"patch_size={patch_size}", x)
+
+    def init(key, x):
+        check(x)
+        return conv.init(key, x)
+
+    def apply(params, state, x, *, key=None, train=False):
+        check(x)
+        return conv.apply(params, state, x, key=key, train=train)
+
+    return Layer(init, apply, name)
+
+
 def ViT(num_classes: int, *, patch_size: int, features: int, num_heads: int, num_layers: int,
         hidden_features: int, dropout: float = 0.0, activation: str = "gelu",
         norm: str = "layer", norm_epsilon: float | None = None,
@@ -73,8 +98,7 @@ def ViT(num_classes: int, *, patch_size: int, features: int, num_heads: int, num
     block = EncoderBlock(num_heads, hidden_features, dropout=dropout, activation=activation,
                          norm=norm, norm_epsilon=norm_epsilon, use_bias=use_bias)
     return serial(
-        patches=Conv(features, (patch_size, patch_size), strides=(patch_size, patch_size),
-                     padding="VALID"),
+        patches=_Patches(features, patch_size),
         tokens=Reshape((-1, features), start_axis=-3),
         position=_PatchPositions(),
         drop=Dropout(dropout),

@@ -4,6 +4,7 @@ from fnn.train.checkpoint import CheckpointError as CheckpointError
 from fnn.train.checkpoint import latest_step as latest_step
 from fnn.train.checkpoint import list_steps as list_steps
 from fnn.train.checkpoint import restore_checkpoint as restore_checkpoint
+from fnn.train.checkpoint import restore_latest_intact as restore_latest_intact
 from fnn.train.checkpoint import save_checkpoint as save_checkpoint
 from fnn.train.debug import find_nonfinite as find_nonfinite
 from fnn.train.loop import NonFiniteError as NonFiniteError
@@ -31,5 +32,6 @@ __all__ = ["TrainState", "create_train_state", "make_train_step", "make_eval_ste
            "train_step_fn", "fit", "train", "evaluate", "evaluate_batches",
            "NonFiniteError", "Task", "classification_task",
            "language_model_task", "CheckpointError", "save_checkpoint", "restore_checkpoint",
+           "restore_latest_intact",
            "list_steps", "latest_step", "find_nonfinite", "DATA_AXIS", "DataParallel",
            "data_parallel", "data_mesh", "replicate", "shard_batch", "unreplicate"]

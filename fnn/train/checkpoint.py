@@ -373,7 +373,8 @@ def latest_step(root) -> int | None:
 
 # ----------------------------------------------------------------------------- restoring
 
-def restore_checkpoint(root, like, *, step: int | None = None) -> tuple[Any, dict]:
+def restore_checkpoint(root, like, *, step: int | None = None,
+                       load: bool = True) -> tuple[Any, dict]:
     """Reads the checkpoint of ``step`` (default: the latest) from ``root``, verified.
 
     Args:
@@ -382,6 +383,8 @@ def restore_checkpoint(root, like, *, step: int | None = None) -> tuple[Any, dic
         and ``dtype``: arrays or ``jax.ShapeDtypeStruct`` (e.g. from ``jax.eval_shape``).
         Where a leaf has a ``sharding``, the restored array is placed with it.
       step: the step to read; ``None`` reads the latest.
+      load: ``False`` only verifies the checkpoint (every check below, no device arrays made)
+        and returns ``(None, metadata)``.
 
     Returns:
       ``(tree, metadata)``: a pytree of jax arrays with the structure of ``like``, and the
@@ -394,15 +397,64 @@ def restore_checkpoint(root, like, *, step: int | None = None) -> tuple[Any, dic
     """
     root = pathlib.Path(root)
     directory = _checkpoint_dir(root, step)
+    for path in (directory, directory / MANIFEST, directory / DATA_FILE):
+        _check_inside(root, path)
     manifest = _read_manifest(directory / MANIFEST)
     like_leaves, treedef = jax.tree_util.tree_flatten_with_path(like)
     like_by_path = {jax.tree_util.keystr(p): leaf for p, leaf in like_leaves}
     _check_like(manifest, like_by_path, directory / MANIFEST)
     arrays = _read_arrays(directory / DATA_FILE, manifest)
+    if not load:
+        return None, manifest.metadata
     entries = {e.path: e for e in manifest.entries}
     values = [_to_jax(arrays[path], entries[path], leaf, directory / DATA_FILE)
               for path, leaf in like_by_path.items()]
     return jax.tree_util.tree_unflatten(treedef, values), manifest.metadata
+
+
+def _check_inside(root: pathlib.Path, path: pathlib.Path) -> None:
+    """Refuses a checkpoint file or directory that is a symbolic link leading outside ``root``:
+    a checkpoint is read from where it was written, never from wherever a link points."""
+    if not path.is_symlink():
+        return
+    target = path.resolve()
+    if not target.is_relative_to(root.resolve()):
+        raise CheckpointError(f"{path} is a symbolic link to {target}, outside the checkpoint "
+                              f"root {root}: refused")
+
+
+def restore_latest_intact(root, like, *, load: bool = True
+                          ) -> tuple[Any, dict, int, list[tuple[int, str]]]:
+    """:func:`restore_checkpoint` of the newest checkpoint in ``root`` that restores: returns
+    ``(tree, metadata, step, corrupt)``, where ``corrupt`` lists ``(step, reason)`` for each
+    newer checkpoint that did not (a flipped byte, a truncated file, a changed manifest).
+    ``load=False`` only finds and verifies it (``tree`` is then ``None``). Raises
+    :class:`CheckpointError` when there is none, or none restores."""
+    root = pathlib.Path(root)
+    corrupt: list[tuple[int, str]] = []
+    for step in sorted(_step_dirs(root), reverse=True):
+        try:
+            tree, metadata = restore_checkpoint(root, like, step=step, load=load)
+        except CheckpointError as e:
+            corrupt.append((step, str(e)))
+            continue
+        return tree, metadata, step, corrupt
+    if not corrupt:
+        raise CheckpointError(f"no complete checkpoint in {root}")
+    raise CheckpointError(f"no checkpoint in {root} restores: " + "; ".join(
+        f"step {step}: {reason}" for step, reason in corrupt))
+
+
+def set_aside(root, step: int) -> pathlib.Path:
+    """Renames the checkpoint of ``step`` to ``corrupt-step_XXXXXXXX-<random>`` in ``root``, so
+    that it no longer counts as a checkpoint but stays on disk (nothing is deleted); returns
+    the new path."""
+    root = pathlib.Path(root)
+    directory = _checkpoint_dir(root, step)
+    target = root / f"corrupt-{_step_name(step)}-{secrets.token_hex(4)}"
+    os.replace(directory, target)
+    _fsync_dir(root)
+    return target
 
 
 def _checkpoint_dir(root: pathlib.Path, step: int | None) -> pathlib.Path:

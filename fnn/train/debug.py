@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fnn.core import Layer, Params, State, check_train
+from fnn.core import Layer, Params, State, UnboundAxisError, check_train
 from fnn.inspection import capture_intermediates, record_layers
 from fnn.train.step import Loss
 
@@ -166,10 +166,10 @@ def find_nonfinite(model: Layer, params: Params, state: State, x: Any, y: Any, l
         with record_layers() as rows:
             outputs, new_state, captured = capture_intermediates(model, params, state, x,
                                                                  key=key, train=train)
-    except NameError as e:
+    except UnboundAxisError as e:
         # a layer that averages over devices (BatchNorm(axis_name=...)) has no device axis
         # outside pmap/shard_map; in evaluation mode it uses its running statistics instead
-        if not train or "unbound axis name" not in str(e):
+        if not train:
             raise
         found = find_nonfinite(model, params, state, x, y, loss, key=key, train=False)
         return found and (f"{found} (found in evaluation mode: in training mode the model "
@@ -198,7 +198,8 @@ def find_nonfinite(model: Layer, params: Params, state: State, x: Any, y: Any, l
     value = loss(outputs, y)
     if _bad_values(value) is not None:
         return (f"the loss is {float(value)} although the model's outputs and targets are "
-                f"finite: check the loss function and the targets' range")
+                f"finite: check the loss function and the targets' range (class ids outside "
+                f"the model's head make softmax_cross_entropy NaN)")
 
     def objective(p):
         return loss(model.apply(p, state, x, key=key, train=train)[0], y)

@@ -5,20 +5,23 @@ steps in a row."""
 from __future__ import annotations
 
 import time
+import warnings
 from pathlib import Path
 from typing import Any, Callable, Mapping, NamedTuple, Sequence
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
 
-from fnn.core import Layer
+from fnn.core import Layer, array_of, describe, output_spec
 from fnn.data import Split, batches
-from fnn.train.checkpoint import latest_step, restore_checkpoint, save_checkpoint
+from fnn.train.checkpoint import (latest_step, restore_latest_intact, save_checkpoint,
+                                  set_aside)
 from fnn.train.debug import find_nonfinite
-from fnn.train.parallel import data_parallel
+from fnn.train.parallel import MODES, data_parallel
 from fnn.train.state import TrainState, create_train_state
-from fnn.train.step import DEFAULT_METRICS, Loss, Metric, make_eval_step
+from fnn.train.step import Loss, Metric, make_eval_step
 from fnn.train.tasks import Task, classification_task
 
 # per-step entries of the step's metrics that are counters, not averaged into the history
@@ -41,9 +44,10 @@ def evaluate_batches(eval_step, params, state, data) -> dict[str, float]:
     totals: dict[str, float] = {}
     count = 0
     for xb, yb in data:
+        size = len(jax.tree.leaves(xb)[0])  # the rows of an array, or of a Seq's array
         for name, value in eval_step(params, state, xb, yb).items():
-            totals[name] = totals.get(name, 0.0) + float(value) * len(xb)
-        count += len(xb)
+            totals[name] = totals.get(name, 0.0) + float(value) * size
+        count += size
     return {name: total / count for name, total in totals.items()}
 
 
@@ -92,11 +96,13 @@ def _local_rows(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     count, index = jax.process_count(), jax.process_index()
     if count == 1:
         return x, y
-    if len(x) % count:
-        raise ValueError(f"the global batch size {len(x)} does not divide by the number of "
+    size = len(jax.tree.leaves(x)[0])  # an array's rows, or a Seq's
+    if size % count:
+        raise ValueError(f"the global batch size {size} does not divide by the number of "
                          f"processes {count}")
-    share = len(x) // count
-    return x[index * share:(index + 1) * share], y[index * share:(index + 1) * share]
+    share = size // count
+    rows = slice(index * share, (index + 1) * share)
+    return jax.tree.map(lambda a: a[rows], (x, y))
 
 
 class _Start(NamedTuple):
@@ -109,12 +115,31 @@ class _Start(NamedTuple):
     seconds: float
 
 
+def check_outputs(caller: str, model: Layer, params, state, task: Task) -> None:
+    """Raises unless the model's output has a column for every class of the task's labels (a
+    5-output head on 10 classes would train on labels it cannot represent). Shapes only."""
+    if task.num_classes is None:
+        return
+    out = output_spec(model, params, state, task.example)
+    width = jnp.shape(array_of(out))[-1] if jnp.ndim(array_of(out)) else 0
+    if width < task.num_classes:
+        raise ValueError(f"{caller}: the model's output {describe(out)} has {width} classes on "
+                         f"its last axis, but the task's labels go up to {task.num_classes - 1}: "
+                         f"give the model a head of {task.num_classes} outputs")
+
+
 def _start(model: Layer, optimizer, task: Task, seed: int, checkpoint_dir, resume: bool,
            num_steps: int) -> _Start:
     ts = create_train_state(model, optimizer, jax.random.key(seed), task.example)
+    check_outputs("train", model, ts.params, ts.state, task)
     if not (resume and checkpoint_dir is not None and latest_step(checkpoint_dir) is not None):
         return _Start(ts, [], _TrainMeans(), 0.0)
-    ts, meta = restore_checkpoint(checkpoint_dir, ts)
+    ts, meta, step, corrupt = restore_latest_intact(checkpoint_dir, ts)
+    for bad, reason in corrupt if jax.process_index() == 0 else ():  # one process writes
+        moved = set_aside(checkpoint_dir, bad)  # kept on disk, under a name that does not count
+        warnings.warn(f"train: the checkpoint of step {bad} is corrupt ({reason}); resuming "
+                      f"from step {step} instead, the corrupt one moved to {moved}",
+                      stacklevel=3)
     history = list(meta["history"])
     if int(ts.step) > num_steps:
         raise ValueError(f"train: the checkpoint in {checkpoint_dir} is at step {int(ts.step)}, "
@@ -137,6 +162,14 @@ def _stop_if_stuck(model: Layer, loss: Loss, ts: TrainState, step: int, streak: 
         f"non-finite loss or gradient and were skipped, so the parameters are those of step "
         f"{step - streak + 1}; stopping (max_bad_steps={max_bad_steps}). On the last bad "
         f"batch: {found or 'the debug pass found every output and gradient finite'}")
+
+
+def _check_arguments(caller: str = "train", **values: Any) -> None:
+    """Each given count must be a positive int (``None`` means its default)."""
+    for arg, value in values.items():
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool)
+                                  or value <= 0):
+            raise ValueError(f"{caller}: {arg} must be a positive int, got {value!r}")
 
 
 def _history_row(task: Task, done: int, means: _TrainMeans, held_out: Mapping[str, float],
@@ -179,10 +212,10 @@ def train(model: Layer, optimizer: optax.GradientTransformation, loss: Loss, tas
     it. Each step is dispatched before the previous step's metrics are read, so the host never
     waits for the device between steps.
     """
-    if not isinstance(num_steps, int) or num_steps <= 0:
-        raise ValueError(f"train: num_steps must be a positive int, got {num_steps!r}")
-    if max_bad_steps < 1:
-        raise ValueError(f"train: max_bad_steps must be at least 1, got {max_bad_steps}")
+    _check_arguments(num_steps=num_steps, max_bad_steps=max_bad_steps, eval_every=eval_every,
+                     checkpoint_every=checkpoint_every, keep=keep)
+    if resume and checkpoint_dir is None:
+        raise ValueError("train: resume=True needs the checkpoint_dir to resume from")
     eval_every = task.steps_per_epoch if eval_every is None else eval_every
     runner = data_parallel(model, optimizer, loss, task.metrics, mode=parallel, devices=devices)
     start = _start(model, optimizer, task, seed, checkpoint_dir, resume, num_steps)
@@ -243,7 +276,7 @@ def train(model: Layer, optimizer: optax.GradientTransformation, loss: Loss, tas
 
 def fit(model: Layer, optimizer: optax.GradientTransformation, data: Split, loss: Loss, *,
         epochs: int, batch_size: int, seed: int = 0,
-        metrics: Mapping[str, Metric] = DEFAULT_METRICS, eval_batch_size: int = 512,
+        metrics: Mapping[str, Metric] | None = None, eval_batch_size: int = 512,
         on_epoch: Callable[[dict[str, Any]], None] | None = None,
         progress: bool = True, **options: Any) -> tuple[TrainState, list[dict[str, Any]]]:
     """Trains a classifier on ``data.x_train`` for ``epochs`` epochs and evaluates on
@@ -255,7 +288,15 @@ def fit(model: Layer, optimizer: optax.GradientTransformation, data: Split, loss
     ``seconds``. ``on_epoch`` is called with each row as it is made. ``options`` are passed to
     :func:`train` (``parallel``, ``checkpoint_dir``, ``resume``, ...).
     """
+    _check_arguments("fit", epochs=epochs, **{k: options[k] for k in (
+        "eval_every", "checkpoint_every", "keep", "max_bad_steps") if k in options})
+    if epochs is None:
+        raise ValueError("fit: epochs must be a positive int, got None")
+    if options.get("parallel", "none") not in MODES:
+        raise ValueError(f"fit: parallel must be one of {MODES}, got {options['parallel']!r}")
+    if options.get("resume") and options.get("checkpoint_dir") is None:
+        raise ValueError("fit: resume=True needs the checkpoint_dir to resume from")
     task = classification_task(data, batch_size, seed=seed, eval_batch_size=eval_batch_size,
-                               metrics=metrics)
+                               metrics=metrics, _caller="fit")
     return train(model, optimizer, loss, task, num_steps=epochs * task.steps_per_epoch,
                  seed=seed, on_log=on_epoch, progress=progress, **options)

@@ -11,8 +11,10 @@ Three modes, one interface (:class:`DataParallel`)::
 - ``"none"``: the plain jitted step (:func:`fnn.train.make_train_step`) on one device.
 - ``"pmap"``: ``jax.pmap`` over the devices; the train state is replicated with a leading
   device axis, the batch ``[B, ...]`` is split as ``[devices, B / devices, ...]``, and the step
-  averages gradients, metrics and model state over the axis :data:`DATA_AXIS`. A model whose
-  BatchNorm layers take ``axis_name=DATA_AXIS`` normalises with the whole batch's statistics.
+  averages gradients, metrics and model state over the axis :data:`DATA_AXIS`. BatchNorm
+  layers normalise with the whole batch's statistics: the step binds :data:`DATA_AXIS` as the
+  batch axis (:func:`fnn.core.batch_axis`), which a BatchNorm without an ``axis_name`` of its
+  own averages over.
 - ``"sharded"``: ``jax.jit`` over a one-axis :func:`data_mesh`; the train state is replicated
   (``P()``), the batch is split along its first axis (``P("data")``) and XLA inserts the
   cross-device reductions itself. Every layer sees the global batch, so a plain ``BatchNorm()``
@@ -39,7 +41,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from fnn.core import Layer
 from fnn.train.state import TrainState
-from fnn.train.step import DEFAULT_METRICS, Loss, Metric, make_train_step, train_step_fn
+from fnn.train.step import DonatingStep, Loss, Metric, make_train_step, train_step_fn
 
 MODES = ("none", "pmap", "sharded")
 DATA_AXIS = "data"  # the mesh axis of "sharded" and the pmap axis of "pmap"
@@ -115,7 +117,7 @@ class DataParallel:
         self.mode = mode
         self.devices = devices
         self.num_devices = len(devices)
-        self.step = step  # the compiled function itself: no Python work per call
+        self.step = step  # the compiled function (or a DonatingStep around it: one call frame)
         self.put_state = put_state
         self._put_rows = put_rows
         self.get_state = get_state
@@ -129,7 +131,7 @@ class DataParallel:
 
 
 def data_parallel(model: Layer, optimizer: optax.GradientTransformation, loss: Loss,
-                  metrics: Mapping[str, Metric] = DEFAULT_METRICS, *, mode: str = "none",
+                  metrics: Mapping[str, Metric] | None = None, *, mode: str = "none",
                   devices: Sequence[jax.Device] | None = None,
                   donate: bool = True) -> DataParallel:
     """The train step of :func:`fnn.train.train_step_fn` run data parallel over ``devices``.
@@ -153,7 +155,10 @@ def data_parallel(model: Layer, optimizer: optax.GradientTransformation, loss: L
         raise ValueError(f"data_parallel: expected at least one device for mode {mode!r}, "
                          f"got none")
     build = {"none": _single_device, "pmap": _pmap, "sharded": _sharded}[mode]
-    return build(model, optimizer, loss, metrics, devices, donate)
+    runner = build(model, optimizer, loss, metrics, devices, donate)
+    if donate and mode != "none":  # "none" is make_train_step's, which says so itself
+        runner.step = DonatingStep(runner.step, f"data_parallel(mode={mode!r}) step")
+    return runner
 
 
 # ----------------------------------------------------------------------------- the three modes

@@ -10,23 +10,36 @@ import jax.numpy as jnp
 import optax
 from jax import lax
 
-from fnn.core import Layer
+from fnn.core import Layer, array_of, batch_axis
 from fnn.losses import accuracy
 from fnn.train.state import TrainState
 
 Loss = Callable[[jax.Array, jax.Array], jax.Array]  # (outputs, targets) -> scalar
 Metric = Callable[[jax.Array, jax.Array], jax.Array]  # (outputs, targets) -> scalar
-DEFAULT_METRICS: Mapping[str, Metric] = {"accuracy": accuracy}
+
+
+def metric_values(metrics: Mapping[str, Metric] | None, outputs: Any, targets: Any
+                  ) -> dict[str, jax.Array]:
+    """Each metric of ``outputs`` against ``targets``. ``metrics=None`` is the default set that
+    fits the loss: ``accuracy`` when the targets are class ids of the outputs' last axis
+    (integer ``targets: [...]`` for ``outputs: [..., classes]``), nothing otherwise (a
+    regression loss such as ``mean_squared_error`` gets no accuracy)."""
+    if metrics is None:
+        classes = (jnp.issubdtype(jnp.result_type(targets), jnp.integer)
+                   and jnp.shape(array_of(outputs))[:-1] == jnp.shape(targets))
+        metrics = {"accuracy": accuracy} if classes else {}
+    return {name: fn(outputs, targets) for name, fn in metrics.items()}
 
 
 def train_step_fn(model: Layer, optimizer: optax.GradientTransformation, loss: Loss,
-                  metrics: Mapping[str, Metric] = DEFAULT_METRICS, *,
+                  metrics: Mapping[str, Metric] | None = None, *,
                   axis_name: str | None = None):
     """The un-jitted train step ``(train_state, x, y) -> (train_state, metrics)``: one gradient
     step on the batch, in training mode, with the step's own key ``fold_in(key, step)``.
 
-    The returned metrics map ``"loss"``, every name in ``metrics``, ``"skipped"`` and
-    ``"bad_streak"`` (the new train state's int32 counters) to scalars.
+    The returned metrics map ``"loss"``, every name in ``metrics`` (by default ``accuracy`` when
+    the targets are class ids, see :func:`metric_values`), ``"skipped"`` and ``"bad_streak"``
+    (the new train state's int32 counters) to scalars.
 
     Non-finite steps are skipped inside the step, without a host round trip: when the loss or any
     gradient is NaN or infinite, params, model state and optimizer state stay as they were,
@@ -61,9 +74,10 @@ def train_step_fn(model: Layer, optimizer: optax.GradientTransformation, loss: L
             # implicit broadcast, while under pmap it is not: marking the params as varying
             # gives the local gradient in both, and the pmean below the global mean.
             params = jax.tree.map(functools.partial(_as_varying, axis_name=axis_name), params)
-        (value, (outputs, new_state)), grads = jax.value_and_grad(objective, has_aux=True)(
-            params, ts.state, x, y, key)
-        results = {"loss": value} | {name: fn(outputs, y) for name, fn in metrics.items()}
+        with batch_axis(axis_name):  # BatchNorm: the statistics of the whole global batch
+            (value, (outputs, new_state)), grads = jax.value_and_grad(objective, has_aux=True)(
+                params, ts.state, x, y, key)
+        results = {"loss": value} | metric_values(metrics, outputs, y)
         if axis_name is not None:
             grads, results = lax.pmean((grads, results), axis_name)
             new_state = _mean_floating(new_state, axis_name)
@@ -115,20 +129,46 @@ def _mean_floating(tree: Any, axis_name: str) -> Any:
         lambda a: lax.pmean(a, axis_name) if jnp.issubdtype(a.dtype, jnp.inexact) else a, tree)
 
 
+class DonatingStep:
+    """A jitted step that consumes (donates) its first argument, and says so when that argument
+    is used again, as when a notebook cell that steps a train state is run twice. Everything
+    else (``lower``, ...) is the jitted function's."""
+
+    def __init__(self, step: Callable, name: str):
+        self._step, self._name = step, name
+
+    def __call__(self, *args):
+        try:
+            return self._step(*args)
+        except (ValueError, RuntimeError) as e:  # jax 0.10: ValueError; 0.12: RuntimeError
+            if "deleted" not in str(e):
+                raise
+            raise ValueError(
+                f"{self._name}: the train state given was already consumed: a step donates the "
+                f"buffers of the state it is given to the state it returns, so an old state "
+                f"cannot be stepped again. Step the state the last call returned (ts, metrics = "
+                f"step(ts, x, y)), or build the step with donate=False to keep old states") from e
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._step, name)
+
+
 def make_train_step(model: Layer, optimizer: optax.GradientTransformation, loss: Loss,
-                    metrics: Mapping[str, Metric] = DEFAULT_METRICS, *, donate: bool = True):
+                    metrics: Mapping[str, Metric] | None = None, *, donate: bool = True):
     """:func:`train_step_fn`, jitted. With ``donate`` the old train state's buffers are reused
-    for the new one (do not use the train state passed in after the call)."""
-    return jax.jit(train_step_fn(model, optimizer, loss, metrics),
+    for the new one: the train state passed in is consumed, and stepping it again raises an
+    error that says so (keep the returned state: ``ts, metrics = step(ts, x, y)``)."""
+    step = jax.jit(train_step_fn(model, optimizer, loss, metrics),
                    donate_argnums=(0,) if donate else ())
+    return DonatingStep(step, "train step") if donate else step
 
 
-def make_eval_step(model: Layer, loss: Loss, metrics: Mapping[str, Metric] = DEFAULT_METRICS):
+def make_eval_step(model: Layer, loss: Loss, metrics: Mapping[str, Metric] | None = None):
     """A jitted ``(params, state, x, y) -> metrics`` in evaluation mode (``train=False``)."""
 
     @jax.jit
     def step(params, state, x, y):
         outputs, _ = model.apply(params, state, x, train=False)
-        return {"loss": loss(outputs, y)} | {name: fn(outputs, y) for name, fn in metrics.items()}
+        return {"loss": loss(outputs, y)} | metric_values(metrics, outputs, y)
 
     return step

@@ -34,3 +34,14 @@ def test_batches_cover_the_data_and_are_reproducible():
     np.testing.assert_array_equal(np.concatenate([b[1] for b in ordered]), y)
     with pytest.raises(ValueError, match="larger than the data"):
         list(batches(x, y, 11))
+
+
+def test_num_batches_takes_drop_remainder_as_batches_does():
+    from fnn.data import num_batches
+
+    assert num_batches(10, 4) == 2 == len(list(batches(np.zeros(10), np.zeros(10), 4)))
+    assert num_batches(10, 4, drop_remainder=False) == 3
+    with pytest.raises(TypeError):
+        num_batches(10, 4, False)  # keyword only, as in batches
+    with pytest.raises(ValueError, match=r"num_batches: batch_size must be a positive integer"):
+        num_batches(10, 0)

@@ -71,3 +71,20 @@ def test_sequence_batches():
     assert not all(np.array_equal(a[0], b[0]) for a, b in zip(seeded, other))
     with pytest.raises(ValueError, match="too few"):
         next(sequence_batches(ids[:5], 1, 10))
+
+
+def test_load_text_names_a_file_it_cannot_read(tmp_path):
+    with pytest.raises(IsADirectoryError, match=r"load_text: .* is a directory, not a text file"):
+        load_text(tmp_path)
+    (tmp_path / "latin1.txt").write_bytes("ab\ncaf\u00e9 au lait".encode("latin-1"))
+    with pytest.raises(ValueError, match=r"^load_text: '.*latin1.txt' is not UTF-8 text: byte "
+                                         r"0xe9 at offset 6 \(invalid continuation byte\)$"):
+        load_text(tmp_path / "latin1.txt")
+    (tmp_path / "empty.txt").write_text("")
+    with pytest.raises(ValueError, match=r"at least 2 characters, got 0 in '.*empty.txt'"):
+        load_text(tmp_path / "empty.txt")
+    with pytest.raises(FileNotFoundError):
+        load_text(tmp_path / "missing.txt")
+    (tmp_path / "crlf.txt").write_bytes(b"one\r\ntwo\rthree\n" * 3)  # universal newlines
+    split = load_text(tmp_path / "crlf.txt")
+    assert "\r" not in split.vocab.chars

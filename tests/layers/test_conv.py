@@ -373,3 +373,35 @@ def test_conv_param_error_names_its_path():
             "{w: float32[2, 4, 2], b: float32[2]}: w is float32[2, 4, 2], expected "
             "[3, in_features // groups, 2]")):
         model.apply(params, {}, x)
+
+
+@pytest.mark.parametrize("layer, x_shape, message", [
+    (fnn.Conv(3, (5, 5), padding="VALID"), (2, 3, 8, 1),
+     r"^Conv: expected input \[\.\.\., H >= 5, W >= 5, features\] \(the smallest that the kernel "
+     r"5x5 with padding 'VALID' takes: a smaller input gives an empty output\), got "
+     r"float32\[2, 3, 8, 1\]$"),
+    (fnn.Conv(3, (3, 3), padding="VALID", dilation=2), (1, 4, 4, 1), r"H >= 5, W >= 5"),
+    (fnn.Conv(3, 4, padding=1), (2, 1, 3), r"\[\.\.\., L >= 2, features\]"),
+    (fnn.MaxPool((3, 3)), (2, 2, 8, 1), r"^MaxPool: expected input \[\.\.\., H >= 3, W >= 3"),
+    (fnn.AvgPool((2, 2, 2)), (1, 4, 1, 4, 2), r"^AvgPool: .*D >= 2, H >= 2, W >= 2"),
+])
+def test_an_empty_output_is_an_error_naming_the_smallest_input(layer, x_shape, message):
+    x = jnp.zeros(x_shape)
+    with pytest.raises(fnn.ShapeError, match=message):
+        layer.init(jax.random.key(0), x)
+    with pytest.raises(fnn.ShapeError, match=message):
+        layer.apply(make_ok_params(layer, x_shape), {}, x)
+
+
+def make_ok_params(layer, x_shape):
+    """Params for ``layer`` from an input large enough to give an output."""
+    big = jnp.zeros(x_shape[:1] + tuple(16 for _ in x_shape[1:-1]) + x_shape[-1:])
+    return layer.init(jax.random.key(0), big)[0]
+
+
+def test_a_lenet_given_images_without_a_channel_axis_says_where_they_vanish():
+    # [2, 28, 28] read as one image 2 x 28 with 28 channels: the second pool would be empty
+    with pytest.raises(fnn.ShapeError, match=r"^MaxPool at pool2: expected input \[\.\.\., "
+                                             r"H >= 2, W >= 2, features\] .*got float32\[1, 14, "
+                                             r"64\]$"):
+        fnn.models.LeNet().init(jax.random.key(0), jnp.zeros((2, 28, 28)))

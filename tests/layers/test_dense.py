@@ -135,3 +135,16 @@ def test_dense_param_error_names_its_path():
             "Dense at 1/0: expected params {w: [in_features, 3], b: [3]}, got "
             "{w: float32[3, 3]}: missing b")):
         nested.apply(params, {}, x)
+
+
+def test_a_float64_numpy_input_computes_in_float32_without_a_warning():
+    import warnings
+
+    layer = fnn.Dense(3)
+    params, state = layer.init(jax.random.key(0), jnp.zeros((2, 4)))
+    with warnings.catch_warnings():
+        # JAX warns "Explicitly requested dtype float64 ... is not available" without x64
+        warnings.filterwarnings("error", message=".*requested dtype.*float64")
+        y, _ = layer.apply(params, state, np.ones((2, 4)))  # numpy's default dtype
+    assert y.dtype == jnp.float32
+    np.testing.assert_allclose(y, np.ones((2, 4)) @ np.asarray(params["w"]), rtol=1e-6)

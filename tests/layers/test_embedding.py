@@ -136,3 +136,14 @@ def test_embedding_refuses_float_ids():
     with pytest.raises(fnn.ShapeError, match=_message(
             "Embedding: expected input integer ids int[...], got float32[2, 3]")):
         EMBEDDING.apply({"table": jnp.zeros((10, 4))}, {}, jnp.zeros((2, 3), jnp.float32))
+
+
+def test_ids_outside_the_table_are_an_error_eagerly_and_zero_rows_under_jit():
+    layer = fnn.Embedding(5, 2)
+    params, state = layer.init(jax.random.key(0), jnp.zeros((1, 3), jnp.int32))
+    with pytest.raises(fnn.ShapeError, match=r"^Embedding: expected ids in \[0, 5\), got 7 at "
+                                             r"index \[0, 1\] \(2 of 3 ids outside the table\)$"):
+        layer.apply(params, state, jnp.array([[1, 7, -1]]))
+    y, _ = jax.jit(layer.apply)(params, state, jnp.array([[1, 7, -1]]))  # ids unknown there
+    np.testing.assert_array_equal(y[0, 0], params["table"][1])
+    np.testing.assert_array_equal(y[0, 1:], np.zeros((2, 2)))  # not a wrapped row (-1 -> 4)

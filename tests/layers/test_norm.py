@@ -316,7 +316,7 @@ def test_group_norm_negative_start_axis_matches_vmap():
 
 def test_group_norm_refuses_a_seq():
     """GroupNorm's statistics span the time axis, padding included: a Seq is refused."""
-    layer = fnn.GroupNorm(3)
+    layer = fnn.GroupNorm(3, start_axis=1)
     x = jnp.zeros((2, 5, 6), jnp.float32)
     params, _ = jax.eval_shape(layer.init, jax.random.key(0), x)
     seq = fnn.Seq(x, lengths=jnp.array([5, 2], jnp.int32))
@@ -354,10 +354,11 @@ NORM_PARAM_CASES = {
                           "{scale: float32[4], b: float32[4]}: unexpected b"),
     "rms_norm_missing_scale": (fnn.RMSNorm(), (2, 4), {},
                                "RMSNorm: expected params {scale: [4]}, got {}: missing scale"),
-    "group_norm_b": (fnn.GroupNorm(2), (2, 3, 4), {"scale": (4,), "b": (2,)},
+    "group_norm_b": (fnn.GroupNorm(2, start_axis=1), (2, 3, 4), {"scale": (4,), "b": (2,)},
                      "GroupNorm: expected params {scale: [4], b: [4]}, got "
                      "{scale: float32[4], b: float32[2]}: b is float32[2], expected [4]"),
-    "group_norm_per_group_scale": (fnn.GroupNorm(2), (2, 3, 4), {"scale": (2, 2), "b": (4,)},
+    "group_norm_per_group_scale": (fnn.GroupNorm(2, start_axis=1), (2, 3, 4),
+                                   {"scale": (2, 2), "b": (4,)},
                                    "GroupNorm: expected params {scale: [4], b: [4]}, got "
                                    "{scale: float32[2, 2], b: float32[4]}: scale is "
                                    "float32[2, 2], expected [4]"),
@@ -425,3 +426,33 @@ def test_norm_param_error_names_its_path():
             "LayerNorm at 1: expected params {scale: [4], b: [4]}, got "
             "{scale: float32[4], bias: float32[4]}: missing b; unexpected bias")):
         model.apply(params, {}, x)
+
+
+def test_batchnorm_averages_over_the_bound_batch_axis_and_names_an_unbound_one():
+    x = jnp.asarray(rand((8, 3), seed=4))
+    params, state = fnn.BatchNorm(momentum=0.0).init(jax.random.key(0), x)
+    # the batch axis of fnn's data-parallel step, for a BatchNorm without an axis of its own
+    with fnn.core.batch_axis("devices"):
+        y = jax.pmap(lambda v: fnn.BatchNorm(momentum=0.0).apply(
+            params, state, v, train=True)[0], axis_name="devices", devices=jax.devices()[:4])(
+            x.reshape(4, 2, 3))
+    whole, _ = fnn.BatchNorm(momentum=0.0).apply(params, state, x, train=True)
+    np.testing.assert_allclose(np.asarray(y).reshape(8, 3), whole, rtol=1e-5, atol=1e-6)
+    with pytest.raises(fnn.UnboundAxisError, match=r"^BatchNorm: averages its batch "
+                                                   r"statistics over the mapped axis 'devices'"):
+        fnn.BatchNorm(axis_name="devices").apply(params, state, x, train=True)
+
+
+@pytest.mark.parametrize("make", [fnn.LayerNorm, fnn.RMSNorm, lambda: fnn.BatchNorm(),
+                                  lambda: fnn.GroupNorm(2, start_axis=1)],
+                         ids=["LayerNorm", "RMSNorm", "BatchNorm", "GroupNorm"])
+def test_a_float64_numpy_input_computes_in_float32_without_a_warning(make):
+    import warnings
+
+    layer = make()
+    x = np.linspace(-1.0, 1.0, 16).reshape(2, 2, 4)  # numpy's default: float64
+    params, state = layer.init(jax.random.key(0), jnp.zeros((2, 2, 4)))
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*requested dtype.*float64")
+        y, _ = layer.apply(params, state, x, train=True)
+    assert y.dtype == jnp.float32

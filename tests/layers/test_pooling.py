@@ -215,3 +215,19 @@ def test_global_pool_seq_lengths_checked(lengths):
             f"GlobalAvgPool: expected lengths int[2] (the batch axes of x float32[2, 5, 3]), "
             f"got {got}")):
         GLOBAL_AVG.apply({}, {}, seq)
+
+
+def test_global_pooling_has_no_default_and_minus_3_pools_images_with_any_batch_axes():
+    # which axes are batch axes cannot be told from a shape: the caller says
+    for factory in (fnn.GlobalAvgPool, fnn.GlobalMaxPool, fnn.Flatten):
+        with pytest.raises(TypeError, match="start_axis"):
+            factory()
+    with pytest.raises(TypeError, match="start_axis"):
+        fnn.GroupNorm(2)
+    # the README's promise: jax.vmap over single images pools the same axes as the batch
+    x = jnp.asarray(rand((3, 4, 5, 2), seed=9))
+    for layer, reduce in ((fnn.GlobalAvgPool(-3), np.mean), (fnn.GlobalMaxPool(-3), np.max)):
+        batched = layer.apply({}, {}, x)[0]
+        single = jax.vmap(lambda image: layer.apply({}, {}, image)[0])(x)
+        np.testing.assert_allclose(batched, reduce(np.asarray(x), axis=(1, 2)), rtol=1e-6)
+        np.testing.assert_allclose(single, batched, rtol=1e-6)

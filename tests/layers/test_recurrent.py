@@ -688,3 +688,24 @@ def test_rnn_calls_a_cells_loop_with_time_major_input_and_the_mask():
             ref = RNN(cell._replace(loop=None), reverse=reverse, return_carry=True).apply(
                 {}, {}, xs)[0]
             close(got, ref, **LOOP_TOL)
+
+
+def test_recurrent_layers_check_their_params_against_their_cells():
+    x = jnp.zeros((2, 5, 3))
+    other, _ = fnn.LSTM(6).init(jax.random.key(0), x)
+    with pytest.raises(fnn.ParamError, match=r"^LSTM: expected params \{b: \[16\], w_h: "
+                                             r"\[4, 16\], w_i: \[3, 16\]\}, got .*: b is "
+                                             r"float32\[24\], expected \[16\]$"):
+        fnn.LSTM(4).apply(other, {}, x)  # another width's params: not a silent [2, 5, 6]
+    params, _ = fnn.GRU(4).init(jax.random.key(0), x)
+    del params["w_h"]
+    with pytest.raises(fnn.ParamError, match=r"^GRU: .*: missing w_h$"):
+        fnn.GRU(4).apply(params, {}, x)
+    wide, _ = fnn.Bidirectional(fnn.LSTMCell(5)).init(jax.random.key(0), x)
+    with pytest.raises(fnn.ParamError, match=r"^LSTM at forward: expected params"):
+        fnn.Bidirectional(fnn.LSTMCell(3)).apply(wide, {}, x)
+    # the right params and an input of another size: the input is blamed
+    params, _ = fnn.LSTM(4).init(jax.random.key(0), x)
+    with pytest.raises(fnn.ShapeError, match=r"^LSTM: expected input \[\.\.\., time, 3\], got "
+                                             r"float32\[2, 5, 7\]$"):
+        fnn.LSTM(4).apply(params, {}, jnp.zeros((2, 5, 7)))

@@ -48,9 +48,9 @@ SEQ_TEXT = "Seq(x=float32[2, 5, 6], lengths=int32[2])"
 
 
 @pytest.mark.parametrize("layer,expected", [
-    (fnn.Flatten(), "at least 1 axes"),
+    (fnn.Flatten(1), "at least 2 axes"),
     (fnn.Flatten(-2), "at least 2 axes"),
-    (fnn.Reshape((30,)), "[*lead, *rest] with prod(rest) == 30"),
+    (fnn.Reshape((30,), 1), "[*lead, *rest] with prod(rest) == 30"),
     (fnn.Reshape((2, -1), -1), "[*lead, *rest] with prod(rest) divisible by 2"),
 ], ids=["Flatten", "Flatten_time_axis", "Reshape", "Reshape_features"])
 def test_reshape_layers_refuse_a_seq(layer, expected):
@@ -66,4 +66,20 @@ def test_reshape_layers_refuse_a_seq(layer, expected):
 def test_reshape_size_checked():
     with pytest.raises(fnn.ShapeError, match=re.escape(
             "Reshape: expected input [*lead, *rest] with prod(rest) == 7, got float32[2, 3, 4]")):
-        fnn.Reshape((7,)).apply({}, {}, jnp.zeros((2, 3, 4), jnp.float32))
+        fnn.Reshape((7,), 1).apply({}, {}, jnp.zeros((2, 3, 4), jnp.float32))
+
+
+def test_start_axis_has_no_default_and_at_least_one_axis_is_flattened():
+    # which axes are batch axes cannot be told from a shape: the caller says
+    with pytest.raises(TypeError, match="start_axis"):
+        fnn.Flatten()
+    with pytest.raises(TypeError, match="start_axis"):
+        fnn.Reshape((2, 2))
+    with pytest.raises(TypeError, match=r"Flatten: start_axis must be an int .*got 1.5"):
+        fnn.Flatten(1.5)
+    # a rank-1 input has no axis after the first: an error, not [4, 1]
+    with pytest.raises(fnn.ShapeError, match=r"^Flatten: expected input at least 2 axes, got "
+                                             r"float32\[4\]$"):
+        fnn.Flatten(1).apply({}, {}, jnp.zeros((4,)))
+    assert fnn.Flatten(-1).apply({}, {}, jnp.zeros((4,)))[0].shape == (4,)
+

@@ -171,13 +171,61 @@ def test_generate_sampling_and_errors(gpt):
     np.testing.assert_array_equal(a, b)  # reproducible from the key
     assert a.shape == (2, 9) and int(a.min()) >= 0 and int(a.max()) < V
     assert generate(model, params, state, prompt, 0, key=jax.random.key(1)).shape == (2, 4)
-    with pytest.raises(ValueError, match="exceeds the decode cache's length 16"):
-        generate(model, params, state, prompt, 13, key=jax.random.key(1))
+    with pytest.raises(ValueError, match=r"^generate: the prompt's ids must lie in the model's "
+                                         r"vocabulary \[0, 13\), got 13$"):
+        generate(model, params, state, prompt.at[1, 2].set(V), 2, key=jax.random.key(1))
     with pytest.raises(ValueError, match=r"state must be the model's decode state .*"
                                          r"init_gpt_cache\(params, batch_shape\)"):
         generate(model, params, {}, prompt, 2, key=jax.random.key(1))
     with pytest.raises(TypeError, match="model must be a Layer"):
         generate(model.apply, params, state, prompt, 2, key=jax.random.key(1))
+
+
+def test_generate_past_max_length_slides_a_window_over_the_last_max_length_tokens(gpt):
+    # max_length 16: tokens 4..16 come from the cache, every later one from a full pass over
+    # the 16 tokens before it (positions counted from the window's start)
+    model, params, _ = gpt
+    prompt = jnp.asarray(np.random.default_rng(5).integers(0, V, (2, 4)), jnp.int32)
+    out = generate(model, params, init_gpt_cache(params, (2,)), prompt, 20,
+                   key=jax.random.key(0), temperature=0.0)
+    assert out.shape == (2, 24)
+    ids = np.asarray(prompt)
+    for t in range(4, 24):  # greedy decoding by hand, one full pass per token
+        window = ids[:, max(0, t - 16):t]
+        logits, _ = jitted(model)(params, {}, jnp.asarray(window))
+        ids = np.concatenate([ids, np.asarray(logits[:, -1].argmax(-1))[:, None]], axis=1)
+    np.testing.assert_array_equal(out, ids)
+    # a prompt longer than max_length starts in the window at once
+    long_prompt = jnp.asarray(np.random.default_rng(6).integers(0, V, (2, 20)), jnp.int32)
+    out = generate(model, params, init_gpt_cache(params, (2,)), long_prompt, 3,
+                   key=jax.random.key(0), temperature=0.0)
+    logits, _ = jitted(model)(params, {}, long_prompt[:, -16:])
+    np.testing.assert_array_equal(out[:, 20], logits[:, -1].argmax(-1))
+
+
+def test_an_id_outside_the_vocabulary_under_jit_changes_no_earlier_position(gpt):
+    model, params, state = gpt
+    ids = jnp.asarray(np.random.default_rng(8).integers(0, V, (2, 8)), jnp.int32)
+    good, _ = jitted(model)(params, state, ids)
+    bad, _ = jitted(model)(params, state, ids.at[:, 4].set(V + 86))  # no error possible here
+    np.testing.assert_array_equal(bad[:, :4], good[:, :4])
+    assert np.all(np.isfinite(np.asarray(bad)))
+
+
+def test_a_huge_value_at_a_position_changes_no_output_before_it():
+    # masked (future) positions carry no information backwards, also when their values are huge
+    block = fnn.DecoderBlock(2, 16)
+    x = jnp.asarray(np.random.default_rng(7).standard_normal((2, 6, 8)), jnp.float32)
+    params, state = block.init(jax.random.key(0), x)
+    base, _ = block.apply(params, state, x)
+    for t in (2, 5):
+        poked, _ = block.apply(params, state, x.at[:, t].set(1e30))
+        np.testing.assert_array_equal(poked[:, :t], base[:, :t])
+    mha = fnn.MultiHeadAttention(2, causal=True)
+    mp, ms = mha.init(jax.random.key(1), x)
+    base, _ = mha.apply(mp, ms, x)
+    poked, _ = mha.apply(mp, ms, x.at[:, 3].set(1e30))
+    np.testing.assert_array_equal(poked[:, :3], base[:, :3])
 
 
 @pytest.mark.parametrize("make", [

@@ -58,3 +58,11 @@ def test_transformer_classifier():
     assert jax.eval_shape(model.apply, params, state, ids)[0].shape == (4, 3)
     short = jax.ShapeDtypeStruct((4, 7), jnp.int32)
     assert jax.eval_shape(model.apply, params, state, short)[0].shape == (4, 3)
+
+
+def test_vit_refuses_a_patch_size_that_does_not_divide_the_image():
+    model = ViT(10, patch_size=3, features=8, num_heads=2, num_layers=1, hidden_features=16)
+    with pytest.raises(fnn.ShapeError, match=r"^PatchEmbedding at patches: expected input "
+                                             r"\[\.\.\., H, W, C\] with H and W multiples of "
+                                             r"patch_size=3, got float32\[2, 8, 8, 1\]$"):
+        model.init(jax.random.key(0), jnp.zeros((2, 8, 8, 1)))

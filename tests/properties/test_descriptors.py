@@ -10,6 +10,7 @@ jitted call on new values of the same shape.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Callable
 
 import jax
@@ -206,11 +207,46 @@ DESCRIPTORS = [
 ]
 
 
-def _setup(d: Descriptor, dtype=jnp.float32):
+# Every test of one descriptor runs on the same xdist worker (loadgroup, see pyproject.toml), so
+# the functions below are built and compiled once per descriptor and shared by its tests.
+def _parametrize(fn):
+    return pytest.mark.parametrize(
+        "d", [pytest.param(d, id=str(d), marks=pytest.mark.xdist_group(str(d)))
+              for d in DESCRIPTORS])(fn)
+
+
+@functools.lru_cache(maxsize=None)
+def _setup(d: Descriptor):
+    """The layer, its params and state (initialised once), and the input."""
     layer = d.make()
-    x = _input(d, dtype)
+    x = _input(d)
     params, state = layer.init(jax.random.key(0), as_spec(x))
     return layer, params, state, x
+
+
+@functools.lru_cache(maxsize=None)
+def _jitted_apply(d: Descriptor, train: bool):
+    """``(params, state, x, key) -> (y, state)`` jitted, shared by the tests of ``d``."""
+    layer = _setup(d)[0]
+    return jax.jit(lambda p, s, x, k: layer.apply(p, s, x, key=k, train=train))
+
+
+@functools.lru_cache(maxsize=None)
+def _jitted_grad(d: Descriptor):
+    """The gradient of a training-mode loss with respect to the params (and a float input's
+    array: a Seq's lengths are not differentiated), jitted; shared by the tests of ``d``."""
+    layer, _, _, x = _setup(d)
+
+    def loss(params, state, array, key):
+        given = x.with_x(array) if isinstance(x, fnn.Seq) else array
+        y, new_state = layer.apply(params, state, given, key=key, train=True)
+        return jnp.sum(jnp.square(_array(y).astype(jnp.float32))), new_state
+
+    return jax.jit(jax.grad(loss, argnums=0 if d.ints else (0, 2), has_aux=True))
+
+
+def _key(train: bool):
+    return jax.random.key(3) if train else None
 
 
 def _assert_trees_close(a, b, **tol):
@@ -218,39 +254,30 @@ def _assert_trees_close(a, b, **tol):
                                                          np.asarray(v, np.float32), **tol), a, b)
 
 
-@pytest.mark.parametrize("d", DESCRIPTORS, ids=str)
+@_parametrize
 @pytest.mark.parametrize("train", [False, True])
 def test_jit_equals_eager(d, train):
     layer, params, state, x = _setup(d)
-    key = jax.random.key(3) if train else None
-    apply = lambda p, s, x, k: layer.apply(p, s, x, key=k, train=train)  # noqa: E731
-    eager = apply(params, state, x, key)
-    jitted = jax.jit(apply)(params, state, x, key)
+    eager = layer.apply(params, state, x, key=_key(train), train=train)
+    jitted = _jitted_apply(d, train)(params, state, x, _key(train))
     _assert_trees_close(eager, jitted, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("d", DESCRIPTORS, ids=str)
+@_parametrize
 def test_vmap_over_examples_equals_batched_call(d):
     layer, params, state, x = _setup(d)
     # Training-mode layers that mix examples (BatchNorm) are compared in evaluation mode;
     # stochastic layers with one key shared by all examples would draw different masks, so
     # they too are compared in evaluation mode.
-    apply = lambda x: layer.apply(params, state, x)[0]  # noqa: E731
-    batched = jax.jit(apply)(x)
-    per_example = jax.jit(jax.vmap(apply))(x)
+    batched, _ = _jitted_apply(d, False)(params, state, x, None)
+    per_example = jax.jit(jax.vmap(lambda x: layer.apply(params, state, x)[0]))(x)
     _assert_trees_close(per_example, batched, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("d", DESCRIPTORS, ids=str)
+@_parametrize
 def test_gradients_are_finite_and_nonzero(d):
-    layer, params, state, x = _setup(d)
-
-    def loss(params, array):  # the array of a Seq is differentiated, not its lengths
-        given = x.with_x(array) if isinstance(x, fnn.Seq) else array
-        y, _ = layer.apply(params, state, given, key=jax.random.key(3), train=True)
-        return jnp.sum(jnp.square(_array(y).astype(jnp.float32)))
-
-    grads = jax.jit(jax.grad(loss, argnums=0 if d.ints else (0, 1)))(params, _array(x))
+    _, params, state, x = _setup(d)
+    grads, _ = _jitted_grad(d)(params, state, _array(x), jax.random.key(3))
     leaves = jax.tree.leaves(grads)
     assert leaves, "no gradient leaves"
     for g in leaves:
@@ -258,14 +285,13 @@ def test_gradients_are_finite_and_nonzero(d):
     assert any(np.any(np.asarray(g) != 0) for g in leaves)
 
 
-@pytest.mark.parametrize("d", DESCRIPTORS, ids=str)
+@_parametrize
 @pytest.mark.parametrize("train", [False, True])
 def test_eval_shape_agrees_with_apply(d, train):
     layer, params, state, x = _setup(d)
-    key = jax.random.key(3) if train else None
-    apply = lambda p, s, x: layer.apply(p, s, x, key=key, train=train)  # noqa: E731
+    apply = lambda p, s, x: layer.apply(p, s, x, key=_key(train), train=train)  # noqa: E731
     spec = jax.eval_shape(apply, params, state, x)
-    real = jax.jit(apply)(params, state, x)
+    real = _jitted_apply(d, train)(params, state, x, _key(train))
     assert jax.tree.structure(spec) == jax.tree.structure(real)
     for s, r in zip(jax.tree.leaves(spec), jax.tree.leaves(real)):
         assert (s.shape, s.dtype) == (r.shape, r.dtype)
@@ -273,12 +299,13 @@ def test_eval_shape_agrees_with_apply(d, train):
     assert jax.tree.structure(real[1]) == jax.tree.structure(state)
 
 
-@pytest.mark.parametrize("d", [d for d in DESCRIPTORS if not d.ints], ids=str)
+@pytest.mark.parametrize("d", [pytest.param(d, id=str(d), marks=pytest.mark.xdist_group(str(d)))
+                               for d in DESCRIPTORS if not d.ints])
 def test_bfloat16_inputs_run_in_bfloat16(d):
-    layer, params, state, x32 = _setup(d)
-    x16 = _cast(x32, jnp.bfloat16)
-    apply = jax.jit(lambda x: _array(layer.apply(params, state, x)[0]))
-    y16, y32 = apply(x16), apply(x32)
+    _, params, state, x32 = _setup(d)
+    apply = _jitted_apply(d, False)
+    y16, y32 = (_array(apply(params, state, x, None)[0])
+                for x in (_cast(x32, jnp.bfloat16), x32))
     assert y16.dtype == jnp.bfloat16
     assert y16.shape == y32.shape
     y16 = np.asarray(y16, np.float32)
@@ -287,21 +314,18 @@ def test_bfloat16_inputs_run_in_bfloat16(d):
     np.testing.assert_allclose(y16, np.asarray(y32), atol=0.1 * scale, rtol=0.1)
 
 
-@pytest.mark.parametrize("d", DESCRIPTORS, ids=str)
+@_parametrize
 def test_jitted_step_does_not_recompile(d):
-    layer, params, state, x = _setup(d)
-
-    @jax.jit
-    def step(params, state, x, key):
-        def loss(p):
-            y, new_state = layer.apply(p, state, x, key=key, train=True)
-            return jnp.mean(jnp.square(_array(y).astype(jnp.float32))), new_state
-        grads, new_state = jax.grad(loss, has_aux=True)(params)
-        return jax.tree.map(lambda p, g: p - 0.01 * g, params, grads), new_state
-
-    params, state = step(params, state, x, jax.random.key(1))
-    params, state = step(params, state, _input(d, seed=2), jax.random.key(2))
-    assert step._cache_size() == 1
+    # a train step: gradients, and the new state fed back into the next call
+    _, params, state, x = _setup(d)
+    grad = _jitted_grad(d)
+    _, state = grad(params, state, _array(x), jax.random.key(1))
+    # new values of the same shapes: new params, the state the step returned, a new input and
+    # key; a layer whose state changed dtype or structure would compile again
+    params = jax.tree.map(lambda p: p * 1.5, params)
+    grads, _ = grad(params, state, _array(_input(d, seed=2)), jax.random.key(2))
+    assert grad._cache_size() == 1
+    jax.block_until_ready(grads)
 
 
 def test_every_public_layer_has_a_descriptor():

@@ -38,7 +38,7 @@ def test_nested_paths_in_models(key):
 
 
 def test_init_errors_name_the_path(key):
-    model = fnn.serial(fnn.Flatten(), block=fnn.serial(fnn.Dense(4), fnn.Conv(3, (3, 3))))
+    model = fnn.serial(fnn.Flatten(1), block=fnn.serial(fnn.Dense(4), fnn.Conv(3, (3, 3))))
     with pytest.raises(fnn.ShapeError, match=r"^Conv at block/1: expected input "
                                              r"\[\.\.\., 2 spatial axes, in_features\], got float32\[2, 4\]$"):
         model.init(key, jnp.zeros((2, 3, 3)))
@@ -53,7 +53,7 @@ def test_rank_errors(key):
         fnn.Dense(3).init(key, jnp.zeros(()))
     with pytest.raises(fnn.ShapeError, match=r"GroupNorm: .*divisible by num_groups=4, "
                                              r"got float32\[2, 3, 3, 6\]"):
-        fnn.GroupNorm(4).init(key, jnp.zeros((2, 3, 3, 6)))
+        fnn.GroupNorm(4, start_axis=1).init(key, jnp.zeros((2, 3, 3, 6)))
     with pytest.raises(fnn.ShapeError, match=r"Embedding: expected input integer ids"):
         fnn.Embedding(5, 2).init(key, jnp.zeros((2, 3)))
 
@@ -91,9 +91,9 @@ def test_unknown_arguments_are_rejected(key):
     (lambda: fnn.Conv(5, (3, 3), feature_group_count=2), r"features \(5\) must be divisible"),
     (lambda: fnn.Conv(4, (1, 1, 1, 1)), r"kernel_size must have 1, 2 or 3 entries"),
     (lambda: fnn.MaxPool((2, 2), padding=[(1, 1)]), r"padding needs 2 \(low, high\) pairs"),
-    (lambda: fnn.Reshape((-1, -1)), r"at most one -1"),
+    (lambda: fnn.Reshape((-1, -1), 1), r"at most one -1"),
     (lambda: fnn.BatchNorm(momentum=2.0), r"momentum must be in \[0, 1\]"),
-    (lambda: fnn.GroupNorm(0), r"num_groups must be a positive integer"),
+    (lambda: fnn.GroupNorm(0, start_axis=1), r"num_groups must be a positive integer"),
     (lambda: fnn.serial(), r"serial needs at least one layer"),
     (lambda: fnn.serial(fnn.Dense), r"child '0' must be a Layer"),
     (lambda: fnn.branch(fnn.Dense(2), combine="max"), r"combine must be one of"),

@@ -484,3 +484,45 @@ def test_no_module_of_fnn_unpickles():
     found = [f"{p.relative_to(package)}: {m.group(0).strip()}"
              for p in sources for m in _UNPICKLING.finditer(p.read_text(encoding="utf-8"))]
     assert found == []
+
+
+def test_a_symlink_out_of_the_root_is_refused(tmp_path):
+    root = tmp_path / "checkpoints"
+    save_checkpoint(root, 1, {"w": np.arange(4, dtype=np.float32)})
+    elsewhere = tmp_path / "elsewhere.bin"
+    data = root / "step_00000001" / "arrays.bin"
+    elsewhere.write_bytes(data.read_bytes())
+    data.unlink()
+    data.symlink_to(elsewhere)  # the same bytes, but not from inside the checkpoint root
+    with pytest.raises(CheckpointError, match=r"arrays.bin is a symbolic link to .*elsewhere.bin,"
+                                              r" outside the checkpoint root .*: refused"):
+        restore_checkpoint(root, {"w": jax.ShapeDtypeStruct((4,), jnp.float32)})
+    # a link that stays inside the root is a file of the root like any other
+    data.unlink()
+    inside = root / "copy.bin"
+    inside.write_bytes(elsewhere.read_bytes())
+    data.symlink_to(inside)
+    tree, _ = restore_checkpoint(root, {"w": jax.ShapeDtypeStruct((4,), jnp.float32)})
+    np.testing.assert_array_equal(tree["w"], np.arange(4))
+
+
+def test_restore_latest_intact_reports_and_set_aside_keeps_the_corrupt_ones(tmp_path):
+    from fnn.train.checkpoint import restore_latest_intact, set_aside
+
+    like = {"w": jax.ShapeDtypeStruct((4,), jnp.float32)}
+    for step in (1, 2, 3):
+        save_checkpoint(tmp_path, step, {"w": np.full(4, step, np.float32)})
+    data = tmp_path / "step_00000003" / "arrays.bin"
+    raw = bytearray(data.read_bytes())
+    raw[0] ^= 1
+    data.write_bytes(bytes(raw))
+    tree, _, step, corrupt = restore_latest_intact(tmp_path, like)
+    assert step == 2 and float(tree["w"][0]) == 2.0
+    assert [s for s, _ in corrupt] == [3] and "sha256 mismatch" in corrupt[0][1]
+    moved = set_aside(tmp_path, 3)
+    assert moved.name.startswith("corrupt-step_00000003-") and list_steps(tmp_path) == [1, 2]
+    assert (moved / "arrays.bin").read_bytes() == bytes(raw)
+    for step in (1, 2):
+        set_aside(tmp_path, step)
+    with pytest.raises(CheckpointError, match=r"no complete checkpoint in"):
+        restore_latest_intact(tmp_path, like)

@@ -202,3 +202,91 @@ def test_fit_is_deterministic_and_learns():
     assert [row["epoch"] for row in history] == [1, 2, 3, 4, 5]
     assert history[-1]["test_accuracy"] > 0.85
     assert history[-1]["train_loss"] < history[0]["train_loss"]
+
+
+def test_a_head_narrower_than_the_labels_is_refused_before_training(digits):
+    # 5 outputs for 10 digit classes trained to 46.8% without a word before (smoothing made
+    # the out-of-range labels' loss finite): now an error before any step
+    task = classification_task(digits, 32)
+    assert task.num_classes == 10
+    narrow = MLP([16], 5, flatten_axes=3)
+    with pytest.raises(ValueError, match=r"^train: the model's output float32\[32, 5\] has 5 "
+                                         r"classes on its last axis, but the task's labels go "
+                                         r"up to 9: give the model a head of 10 outputs$"):
+        train(narrow, optax.adam(1e-3), softmax_cross_entropy, task, num_steps=1,
+              progress=False)
+    with pytest.raises(ValueError, match=r"train: the model's output .* 5 classes"):
+        fit(narrow, optax.adam(1e-3), digits, softmax_cross_entropy, epochs=1, batch_size=32,
+            progress=False)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(batch_size=0), r"^fit: batch_size must be a positive int, got 0$"),
+    (dict(batch_size=-180), r"^fit: batch_size must be a positive int, got -180$"),
+    (dict(batch_size=2.5), r"^fit: batch_size must be a positive int, got 2.5$"),
+    (dict(epochs=0), r"^fit: epochs must be a positive int, got 0$"),
+    (dict(eval_batch_size=0), r"^fit: eval_batch_size must be a positive int, got 0$"),
+    (dict(resume=True), r"^fit: resume=True needs the checkpoint_dir to resume from$"),
+    (dict(batch_size=1000), r"^fit: batch_size 1000 is larger than the training set \(256 "
+                            r"examples\)$"),
+])
+def test_fit_checks_its_arguments_and_names_itself(digits, kwargs, message):
+    args = dict(epochs=1, batch_size=32, progress=False) | kwargs
+    with pytest.raises(ValueError, match=message):
+        fit(_mlp(), optax.adam(1e-3), digits, softmax_cross_entropy, **args)
+
+
+def test_classification_task_checks_its_data(digits):
+    with pytest.raises(ValueError, match=r"^classification_task: x_train and y_train must have "
+                                         r"the same length, got 256 and 255$"):
+        classification_task(digits._replace(y_train=digits.y_train[:-1]), 32)
+    with pytest.raises(ValueError, match=r"y_test must hold class ids >= 0, got -1 \(at index "
+                                         r"3\)"):
+        classification_task(digits._replace(y_test=np.where(np.arange(100) == 3, -1,
+                                                            digits.y_test)), 32)
+    with pytest.raises(ValueError, match=r"y_train must hold integer class ids, got float32"):
+        classification_task(digits._replace(y_train=digits.y_train.astype(np.float32)), 32)
+    with pytest.raises(ValueError, match=r"^train: resume=True needs the checkpoint_dir"):
+        train(_mlp(), optax.adam(1e-3), softmax_cross_entropy, classification_task(digits, 32),
+              num_steps=1, resume=True, progress=False)
+
+
+def test_language_model_task_checks_the_ids_against_the_vocabulary():
+    vocab = Vocab.from_text("abcd")
+    text = TextSplit(np.array([0, 1, 2, 3] * 20, np.int32), np.array([0, 1, 7] * 10, np.int32),
+                     vocab)
+    with pytest.raises(ValueError, match=r"^language_model_task: the ids go up to 7, outside "
+                                         r"the vocabulary of 4 characters$"):
+        language_model_task(text, 2, 4)
+    with pytest.raises(ValueError, match=r"^language_model_task: seq_len must be a positive "
+                                         r"int, got 0$"):
+        language_model_task(text._replace(valid=text.train), 2, 0)
+
+
+def test_resume_in_python_skips_a_corrupt_latest_checkpoint_and_keeps_it(digits, tmp_path):
+    task = classification_task(digits, 64, seed=0)
+    train(_mlp(), optax.adam(1e-3), softmax_cross_entropy, task, num_steps=8,
+          checkpoint_dir=tmp_path, checkpoint_every=4, progress=False)
+    data = tmp_path / "step_00000008" / "arrays.bin"
+    data.write_bytes(data.read_bytes()[:-4])
+    with pytest.warns(UserWarning, match=r"the checkpoint of step 8 is corrupt .*; resuming "
+                                         r"from step 4 instead, the corrupt one moved to "):
+        ts, _ = train(_mlp(), optax.adam(1e-3), softmax_cross_entropy, task, num_steps=8,
+                      checkpoint_dir=tmp_path, checkpoint_every=4, resume=True, progress=False)
+    assert int(ts.step) == 8 and list_steps(tmp_path) == [4, 8]
+    assert [p.name[:21] for p in tmp_path.iterdir() if p.name.startswith("corrupt")] == [
+        "corrupt-step_00000008"]
+
+
+def test_evaluation_weights_seq_batches_by_their_rows():
+    from fnn.train.loop import evaluate_batches
+
+    def eval_step(params, state, x, y):
+        return {"rows": jnp.asarray(float(x.x.shape[0]))}
+
+    def seq(rows):
+        return fnn.Seq(jnp.zeros((rows, 3, 2)), lengths=jnp.full((rows,), 3))
+
+    # batches of 10 and 2 rows: the mean of "rows" weighted by rows is (100 + 4) / 12
+    result = evaluate_batches(eval_step, {}, {}, [(seq(10), None), (seq(2), None)])
+    assert result == {"rows": pytest.approx(104 / 12)}

@@ -105,16 +105,34 @@ def test_batchnorm_running_statistics_are_the_whole_batchs(mode):
     np.testing.assert_allclose(first.state["0"]["var"], 0.5 + 0.5 * x.var(0), rtol=1e-5)
 
 
-def test_pmap_averages_running_statistics_the_model_did_not_sync():
-    # a plain BatchNorm under pmap: each device's running mean is of its own rows; the step
-    # averages them, which gives the whole batch's mean (the shards are equally large)
+def test_pmap_gives_a_plain_batchnorm_the_whole_batchs_statistics():
+    # BatchNorm() without an axis_name: the pmap step binds its device axis as the batch axis,
+    # so the model normalises with the global batch's statistics as on one device (the same
+    # model, in Python and in the CLI, whatever the mode)
     expected, _ = _run("none", "sgd", 1)
     runner = _runner("pmap", "sgd", model="plain")
     ts, _ = runner.step(runner.put_state(_initial("sgd")), *runner.put_batch(*_batch(0)))
+    got = _numpy(runner.get_state(ts))
+    _assert_close(got.params, expected.params, 1e-5)
+    _assert_close(got.state, expected.state, 1e-5)
     replicas = np.asarray(ts.state["0"]["mean"])
     for r in range(DEVICES):
-        np.testing.assert_allclose(replicas[r], expected.state["0"]["mean"], rtol=1e-5)
         np.testing.assert_array_equal(replicas[r], replicas[0])
+
+
+def test_a_model_written_for_pmap_says_so_where_its_axis_is_not_bound():
+    model = MODELS["synced"]  # BatchNorm(axis_name="data")
+    x, y = _batch(0)
+    params, state = model.init(jax.random.key(0), x)
+    message = (r"BatchNorm at 0: averages its batch statistics over the mapped axis 'data', "
+               r"which is not bound here: call the model inside the jax.pmap or shard_map over "
+               r"'data' it was written for, or build it without axis_name")
+    with pytest.raises(fnn.UnboundAxisError, match=message):
+        model.apply(params, state, x, train=True)
+    model.apply(params, state, x)  # evaluation needs no axis
+    runner = data_parallel(model, OPTIMIZERS["sgd"], softmax_cross_entropy, mode="sharded")
+    with pytest.raises(fnn.UnboundAxisError, match=message):
+        runner.step(runner.put_state(_initial("sgd")), *runner.put_batch(x, y))
 
 
 def test_pmap_replicas_stay_identical_and_get_state_outlives_donation():

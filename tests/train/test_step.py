@@ -5,6 +5,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import pytest
 
 import fnn
 from fnn.data import load_digits
@@ -60,3 +61,38 @@ def test_per_example_gradients_equal_a_python_loop(key):
         expected = grad_one(params, x[i], y[i])
         jax.tree.map(lambda a, b: np.testing.assert_allclose(a[i], b, rtol=1e-4, atol=1e-6),
                      per_example, expected)
+
+
+def test_the_default_metrics_fit_the_loss(key):
+    # a regression loss gets no accuracy (which needs class ids), a classification loss does
+    model = fnn.Dense(3)
+    x, y = jnp.ones((4, 2)), jnp.zeros((4, 3))
+    ts = create_train_state(model, optax.sgd(0.1), key, x)
+    step = make_train_step(model, optax.sgd(0.1), fnn.losses.mean_squared_error)
+    ts, metrics = step(ts, x, y)
+    assert set(metrics) == {"loss", "skipped", "bad_streak"}
+    evaluate = make_eval_step(model, fnn.losses.binary_cross_entropy)
+    assert set(evaluate(ts.params, ts.state, x, y)) == {"loss"}
+    classes = make_eval_step(model, softmax_cross_entropy)
+    assert set(classes(ts.params, ts.state, x, jnp.zeros(4, jnp.int32))) == {"loss", "accuracy"}
+    runner = fnn.train.data_parallel(model, optax.sgd(0.1), fnn.losses.mean_squared_error,
+                                     mode="sharded")
+    _, metrics = runner.step(runner.put_state(ts), *runner.put_batch(np.ones((8, 2), np.float32),
+                                                                      np.zeros((8, 3), np.float32)))
+    assert set(metrics) == {"loss", "skipped", "bad_streak"}
+
+
+def test_stepping_a_consumed_train_state_again_says_what_happened(key):
+    model = fnn.Dense(3)
+    x, y = jnp.ones((4, 2)), jnp.zeros(4, jnp.int32)
+    step = make_train_step(model, optax.sgd(0.1), softmax_cross_entropy)
+    old = create_train_state(model, optax.sgd(0.1), key, x)
+    new, _ = step(old, x, y)
+    with pytest.raises(ValueError, match=r"^train step: the train state given was already "
+                                         r"consumed: a step donates"):
+        step(old, x, y)  # a notebook cell run twice
+    step(new, x, y)  # the returned state steps on
+    kept = make_train_step(model, optax.sgd(0.1), softmax_cross_entropy, donate=False)
+    again = create_train_state(model, optax.sgd(0.1), key, x)
+    kept(again, x, y)
+    kept(again, x, y)  # without donation an old state can be stepped again

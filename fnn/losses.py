@@ -52,21 +52,44 @@ def _check_labels(name: str, logits: jax.Array, labels: jax.Array) -> None:
                          f"{labels.shape}")
 
 
+def _check_soft_labels(name: str, logits: jax.Array, labels: jax.Array) -> bool:
+    """Whether ``labels`` are soft labels: floating, of the logits' shape (a floating array of
+    any other shape is an error)."""
+    if not jnp.issubdtype(labels.dtype, jnp.floating):
+        return False
+    if labels.shape != logits.shape:
+        # same rank: a distribution of the wrong width; other ranks: float class ids
+        kind = LayerError if labels.ndim == logits.ndim else TypeError
+        raise kind(f"{name}: labels must be integer class ids [...] or soft labels (floating "
+                   f"probabilities) of the logits' shape [..., num_classes]; got logits "
+                   f"{logits.shape} and {labels.dtype} labels {labels.shape}")
+    return True
+
+
 def softmax_cross_entropy(logits: jax.Array | Seq, labels: jax.Array, *,
                           label_smoothing: float = 0.0) -> jax.Array:
-    """Mean cross-entropy of ``logits: [..., num_classes]`` against integer ``labels: [...]``.
+    """Mean cross-entropy of ``logits: [..., num_classes]`` against ``labels``: integer class
+    ids ``[...]``, or soft labels ``float[..., num_classes]`` (the target distribution of each
+    example, as :func:`fnn.layers.mixup` and :func:`fnn.layers.cutmix` return).
 
-    With ``label_smoothing`` ``s``, the target puts ``1 - s`` on the label and spreads ``s``
-    evenly over all classes. A label outside ``[0, num_classes)`` makes the loss NaN, with or
-    without smoothing, so that a train step skips the batch instead of learning from a label
-    the head cannot represent (``fnn.train``'s tasks check labels on the host first).
+    With ``label_smoothing`` ``s``, the target puts ``1 - s`` on the label (or on the soft
+    target) and spreads ``s`` evenly over all classes. An integer label outside
+    ``[0, num_classes)`` makes the loss NaN, with or without smoothing, so that a train step
+    skips the batch instead of learning from a label the head cannot represent (``fnn.train``'s
+    tasks check labels on the host first). Soft labels are used as given: rows that do not sum
+    to 1 are not rescaled.
     """
     name = "softmax_cross_entropy"
     logits, weights = _split(name, logits, -2)
-    _check_labels(name, logits, labels)
+    soft = _check_soft_labels(name, logits, labels)
+    if not soft:
+        _check_labels(name, logits, labels)
     if not 0.0 <= label_smoothing < 1.0:
         raise ValueError(f"{name}: label_smoothing must be in [0, 1), got {label_smoothing!r}")
     logits = logits.astype(jnp.float32)
+    if soft:
+        targets = optax.smooth_labels(labels.astype(jnp.float32), label_smoothing)
+        return _mean(optax.softmax_cross_entropy(logits, targets), weights)
     if not label_smoothing:
         per_example = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
     else:

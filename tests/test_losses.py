@@ -130,3 +130,47 @@ def test_a_label_outside_the_head_gives_a_nan_loss_with_or_without_smoothing(smo
     seq = fnn.Seq(jnp.zeros((1, 3, 5)), lengths=jnp.array([2]))
     labels = jnp.array([[1, 2, 99]], jnp.int32)
     assert np.isfinite(float(softmax_cross_entropy(seq, labels, label_smoothing=smoothing)))
+
+
+@pytest.mark.parametrize("smoothing", [0.0, 0.2])
+def test_one_hot_soft_labels_give_the_integer_label_loss(smoothing):
+    rng = np.random.default_rng(3)
+    logits = jnp.asarray(rng.normal(size=(2, 6, 5)).astype(np.float32))
+    labels = jnp.asarray(rng.integers(0, 5, size=(2, 6)).astype(np.int32))
+    soft = jax.nn.one_hot(labels, 5, dtype=jnp.float32)
+    for given in (logits, fnn.Seq(logits, lengths=jnp.array([6, 2], jnp.int32))):
+        np.testing.assert_allclose(softmax_cross_entropy(given, soft, label_smoothing=smoothing),
+                                   softmax_cross_entropy(given, labels,
+                                                         label_smoothing=smoothing),
+                                   rtol=1e-6)
+
+
+def test_soft_labels_match_numpy():
+    rng = np.random.default_rng(4)
+    logits = rng.normal(size=(6, 5)).astype(np.float32)
+    soft = rng.random(size=(6, 5))
+    soft = (soft / soft.sum(-1, keepdims=True)).astype(np.float32)
+    logp = _log_softmax(logits.astype(np.float64))
+    expected = -(soft * logp).sum(-1).mean()
+    np.testing.assert_allclose(softmax_cross_entropy(logits, soft), expected, rtol=1e-6)
+    s = 0.1
+    smoothed = (1 - s) * soft + s / 5
+    np.testing.assert_allclose(softmax_cross_entropy(logits, soft, label_smoothing=s),
+                               -(smoothed * logp).sum(-1).mean(), rtol=1e-6)
+    # bfloat16 soft labels are read in float32; the loss is float32
+    loss = softmax_cross_entropy(jnp.asarray(logits), jnp.asarray(soft, jnp.bfloat16))
+    assert loss.dtype == jnp.float32
+    np.testing.assert_allclose(loss, expected, rtol=1e-2)
+    # the gradient with respect to the logits is softmax - target, over the batch
+    grad = jax.grad(softmax_cross_entropy)(jnp.asarray(logits), jnp.asarray(soft))
+    np.testing.assert_allclose(grad, (np.exp(logp) - soft) / 6, atol=1e-6)
+
+
+def test_soft_labels_of_the_wrong_shape_are_rejected():
+    logits = jnp.zeros((4, 5))
+    with pytest.raises(fnn.LayerError, match=r"softmax_cross_entropy: labels must be integer "
+                                             r"class ids \[\.\.\.\] or soft labels .* got logits "
+                                             r"\(4, 5\) and float32 labels \(4, 3\)"):
+        softmax_cross_entropy(logits, jnp.full((4, 3), 1 / 3))
+    with pytest.raises(TypeError, match=r"got logits \(4, 5\) and float32 labels \(4,\)"):
+        softmax_cross_entropy(logits, jnp.zeros((4,)))

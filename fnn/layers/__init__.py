@@ -28,6 +28,13 @@ from fnn.layers.attention import init_cache as init_cache
 from fnn.layers.attention import length_mask as length_mask
 from fnn.layers.attention import window_mask as window_mask
 from fnn.layers.attention import write_cache as write_cache
+from fnn.layers.augment import Cutout as Cutout
+from fnn.layers.augment import GaussianNoise as GaussianNoise
+from fnn.layers.augment import RandomCrop as RandomCrop
+from fnn.layers.augment import RandomFlip as RandomFlip
+from fnn.layers.augment import RandomTranslate as RandomTranslate
+from fnn.layers.augment import cutmix as cutmix
+from fnn.layers.augment import mixup as mixup
 from fnn.layers.conv import Conv as Conv
 from fnn.layers.conv import ConvTranspose as ConvTranspose
 from fnn.layers.dense import Dense as Dense
@@ -75,6 +82,8 @@ __all__ = [
     # attention and its pieces
     "MultiHeadAttention", "attention_weights", "causal_mask", "combine_masks",
     "dot_product_attention", "init_cache", "length_mask", "window_mask", "write_cache",
+    # data augmentation (training only) and batch mixes
+    "Cutout", "GaussianNoise", "RandomCrop", "RandomFlip", "RandomTranslate", "cutmix", "mixup",
     # convolution, dense, dropout, embedding, feed-forward
     "Conv", "ConvTranspose", "Dense", "Dropout", "Embedding", "attend", "tied", "FeedForward",
     # normalisation and pooling

@@ -12,26 +12,13 @@ import json
 import sys
 from pathlib import Path
 
-from fnn.app.config import (HOST_MALLOC, MODEL_DATA, ConfigError, build_loss, build_model,
+from fnn.app.config import (HOST_MALLOC, LANGUAGE_DATA, ConfigError, build_loss, build_model,
                             build_optimizer, load_config)
+from fnn.app.runs import load_run, run_config, start_weights, task_of
 from fnn.train.parallel import MODES
 
 # device-count advice for a CPU-only machine
 _CPU_DEVICES = "XLA_FLAGS=--xla_force_host_platform_device_count=N"
-
-
-def _task(config):
-    """The config's training task and the arguments its model takes from the data."""
-    from fnn.data import load_digits, load_text
-    from fnn.train.tasks import classification_task, language_model_task
-
-    data = config.data
-    if data["name"] == "text":
-        text = load_text(data.get("path"))
-        task = language_model_task(text, data["batch_size"], data["seq_len"], seed=config.seed,
-                                   eval_batch_size=data.get("eval_batch_size"))
-        return task, {"vocab_size": text.vocab.size}, text.vocab
-    return classification_task(load_digits(), data["batch_size"], seed=config.seed), {}, None
 
 
 def _overrides(args: argparse.Namespace) -> dict:
@@ -67,7 +54,7 @@ def _setup(config, args, parallel: bool = True):
     from fnn.train import create_train_state
     from fnn.train.loop import check_outputs
 
-    task, filled, vocab = _task(config)
+    task, filled, vocab = task_of(config)
     steps = config.epochs * task.steps_per_epoch
     model = build_model(config, **filled)
     optimizer = build_optimizer(config, steps)
@@ -77,7 +64,9 @@ def _setup(config, args, parallel: bool = True):
     devices = _devices(config) if parallel else None
     run_plan = rundir.plan(Path(config.output_dir), config, vocab, like, steps,
                            resume=args.resume, overwrite=args.overwrite)
-    return task, vocab, steps, model, optimizer, devices, run_plan
+    start = start_weights(config, model, task.example) if run_plan.resume_step is None \
+        else (None, None)
+    return task, vocab, steps, model, optimizer, devices, run_plan, start
 
 
 def train(args: argparse.Namespace) -> int:
@@ -105,7 +94,7 @@ def train(args: argparse.Namespace) -> int:
     if malloc == "tuned" and not tune_host_malloc():
         malloc = "default (tuned needs glibc)"
     initialize_from_env()  # a process of `fnn train --processes N` joins the others first
-    task, vocab, steps, model, optimizer, devices, run_plan = _setup(config, args)
+    task, vocab, steps, model, optimizer, devices, run_plan, start = _setup(config, args)
     out = Path(config.output_dir)
     writer = _is_first_process()
     _barrier("planned")  # every process has read the run directory before it changes
@@ -130,7 +119,7 @@ def train(args: argparse.Namespace) -> int:
                          checkpoint_every=config.checkpoint["every"],
                          keep=config.checkpoint["keep"], resume=run_plan.resume_step is not None,
                          max_bad_steps=config.max_bad_steps, on_log=log,
-                         progress=not args.no_progress)
+                         progress=not args.no_progress, params=start[0], state=start[1])
     except NonFiniteError as e:
         print(f"fnn: error: {e}", file=sys.stderr)
         return 1
@@ -186,30 +175,19 @@ def _barrier(name: str) -> None:
         multihost_utils.sync_global_devices(f"fnn train: {name}")
 
 
-def _run_config(run: Path):
-    """The config of the run in ``run``, after checking that it is one."""
-    if not run.is_dir():
-        raise ConfigError(f"not an fnn run directory: {run} is not a directory")
-    if not (run / "config.yaml").exists():
-        raise ConfigError(f"not an fnn run directory: no config.yaml in {run}")
-    return load_config(run / "config.yaml")
-
-
 def generate(args: argparse.Namespace) -> int:
+    import warnings
+
     import jax
     import numpy as np
 
-    from fnn.app import rundir
-    from fnn.data import Vocab
     from fnn.models import generate as sample
     from fnn.models import init_gpt_cache, init_lstm_carry
-    from fnn.train import create_train_state
-    from fnn.train.checkpoint import restore_latest_intact
 
     run = Path(args.run_dir)
-    config = _run_config(run)
+    config = run_config(run)
     name = config.model["name"]
-    if MODEL_DATA[name][0] != "text":
+    if config.data["name"] not in LANGUAGE_DATA:
         raise ConfigError(f"{run}: fnn generate needs a language model run (charlstm or gpt), "
                           f"this one trained {name}")
     if args.length < 0:
@@ -218,27 +196,20 @@ def generate(args: argparse.Namespace) -> int:
         raise ConfigError(f"--temperature must be a number >= 0, got {args.temperature}")
     if args.top_k is not None and args.top_k < 1:
         raise ConfigError(f"--top-k must be at least 1, got {args.top_k}")
-    if not (run / "vocab.json").exists():
-        raise ConfigError(f"{run}: no vocab.json: the run did not finish writing its files")
-    vocab = Vocab(rundir.read_vocab(run / "vocab.json"))
     if not args.prompt:
         raise ConfigError("--prompt must hold at least one character")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        loaded = load_run(run)
+    for warning in caught:  # a corrupt newer checkpoint, left as it is
+        print(f"fnn: {warning.message}", file=sys.stderr)
+    vocab, model, params = loaded.vocab, loaded.model, loaded.params
     prompt = vocab.encode(args.prompt)[None]
-    model = build_model(config, vocab_size=vocab.size)
-    # only the optimizer state's structure matters here, not the schedule's length
-    optimizer = build_optimizer(config, config.schedule.get("warmup_steps", 0) + 1)
-    example = np.zeros((config.data["batch_size"], config.data["seq_len"]), np.int32)
-    like = jax.eval_shape(lambda: create_train_state(model, optimizer, jax.random.key(0),
-                                                     example))
-    ts, _, step, corrupt = restore_latest_intact(run / "checkpoints", like)
-    for bad, _ in corrupt:
-        print(f"fnn: the checkpoint of step {bad} is corrupt (left as it is): using step {step}",
-              file=sys.stderr)
     # past a GPT's max_length, generate goes on with a sliding window
-    decode = init_gpt_cache(ts.params, 1) if name == "gpt" else init_lstm_carry(ts.params, 1)
-    ids = sample(model, ts.params, decode, prompt, args.length, key=jax.random.key(args.seed),
+    decode = init_gpt_cache(params, 1) if name == "gpt" else init_lstm_carry(params, 1)
+    ids = sample(model, params, decode, prompt, args.length, key=jax.random.key(args.seed),
                  temperature=args.temperature, top_k=args.top_k)
-    print(f"# {name} at step {int(ts.step)}, temperature {args.temperature}, "
+    print(f"# {name} at step {loaded.step}, temperature {args.temperature}, "
           f"top_k {args.top_k}", file=sys.stderr)
     print(vocab.decode(np.asarray(ids[0])))
     return 0
@@ -250,7 +221,7 @@ def summary(args: argparse.Namespace) -> int:
     from fnn.inspection import summary as model_summary
 
     config = load_config(args.config)
-    task, filled, _ = _task(config)
+    task, filled, _ = task_of(config)
     x = jax.ShapeDtypeStruct(task.example.shape, task.example.dtype)
     print(model_summary(build_model(config, **filled), x))
     return 0

@@ -3,8 +3,10 @@
 A config has these sections (see ``configs/digits_cnn.yaml``)::
 
     model:     {name: lenet, ...keyword arguments of the model factory}
-    data:      {name: digits, batch_size: 64}    # or {name: text, batch_size, seq_len, path}
-    optimizer: {name: adamw, learning_rate: 0.002, ...keyword arguments of the optax optimizer}
+    data:      {name: digits, batch_size: 64}    # or text, arrays, csv, images, ...: below
+    optimizer: {name: adamw, learning_rate: 0.002, ...keyword arguments of the optax optimizer,
+                frozen: [trunk/**], groups: [{params: [head/**], learning_rate: 0.01}],
+                weight_decay_mask: matrices}   # the last three optional: see below
     schedule:  {name: cosine, warmup_steps: 0}       # constant | cosine
     loss:      {name: softmax_cross_entropy, ...keyword arguments of the loss}
     epochs: 30
@@ -16,15 +18,46 @@ A config has these sections (see ``configs/digits_cnn.yaml``)::
     checkpoint: {every: null, keep: 3}     # save every N steps (and at the end); keep the last K
     max_bad_steps: 10                      # stop after this many non-finite steps in a row
     host_malloc: default                   # or tuned: see fnn.app.runtime.tune_host_malloc
+    init: null                             # or {from: runs/x, take: [trunk/**]}: start from a run
+    augment: null                          # or [{name: random_crop, padding: 1}, ...]: below
+
+Parameter groups (:mod:`fnn.train.groups`; patterns are paths like ``trunk/**`` or ``**/b``):
+``optimizer.frozen`` lists the parameters that are not trained (no update, no optimizer state);
+``optimizer.groups`` gives parameters other optimizer arguments (each group: ``params``, its
+patterns, and any argument of the optimizer: ``learning_rate``, ``weight_decay``, ...). For an
+optimizer with weight decay and a ``mask`` (adamw, lamb, lion) ``weight_decay_mask: matrices``
+(the default) decays only weight matrices and kernels, not biases and norm parameters
+(:func:`fnn.train.decay_mask`); ``all`` decays every parameter. ``init.from`` starts a fresh
+run from the params and state of another run's newest intact checkpoint, those at the paths
+``init.take`` matches (default: all of them), the rest initialised as usual.
 
 Every key is checked: an unknown or mistyped key raises :class:`ConfigError` naming it, where it
 is, and the closest valid key. Every value is checked too (:mod:`fnn.app.values`): its type
 against what the function it is given to takes (``learning_rate: 1e-3`` is a number, as users
 write it), its range where one can be meant (a positive learning rate, a drop probability in
 ``[0, 1)``), the model's hyper-parameters by building the model (no JAX computation), and
-``data.seq_len`` against the model's ``max_length``. Language models (``charlstm``, ``gpt``)
-train on ``text`` data (the bundled corpus, or the UTF-8 file at ``data.path``); their
-``vocab_size`` comes from the data. The other models train on ``digits``.
+``data.seq_len`` against the model's ``max_length``.
+
+Data (:mod:`fnn.data.files` reads users' own files; without ``test_path`` a fixed, stratified
+``test_fraction`` of ``path``, default 0.2, is the test set)::
+
+    {name: digits, batch_size}                       the 8x8 digits bundled with scikit-learn
+    {name: text, batch_size, seq_len, path}          characters of a UTF-8 file (language models)
+    {name: arrays, batch_size, path, test_path}      an .npz with x and y (integer labels)
+    {name: csv, batch_size, path, label_column}      numeric columns and a label column
+    {name: images, batch_size, path, size, channels} one folder per class of PNG/JPEG images
+    {name: text_classes, batch_size, path, seq_len}  one folder per class of .txt files
+
+Language models (``charlstm``, ``gpt``) train on ``text``, ``transformer_classifier`` on
+``text_classes``; their ``vocab_size`` comes from the data. ``mlp`` trains on images, arrays or
+CSV rows, ``lenet``, ``resnet`` and ``vit`` on images (``digits``, ``images``, ``arrays``).
+The number of classes (``num_classes``, ``out_features``) comes from the data when the config
+leaves it out.
+
+``augment`` lists augmentation layers (:mod:`fnn.layers.augment`: ``random_crop``,
+``random_translate``, ``random_flip``, ``gaussian_noise``, ``cutout``, each with its factory's
+arguments) applied to image batches in training only, in order, before the model; the model's
+params are the same as without them.
 """
 
 from __future__ import annotations
@@ -38,21 +71,32 @@ from typing import Any, Callable, Mapping
 import optax
 
 from fnn.app.values import ConfigError, check_arguments, check_value, load_yaml
+from fnn.layers.augment import Cutout, GaussianNoise, RandomCrop, RandomFlip, RandomTranslate
 from fnn.losses import LOSSES
-from fnn.models import GPT, MLP, CharLSTM, LeNet, ResNet, ViT
+from fnn.models import GPT, MLP, CharLSTM, LeNet, ResNet, TransformerClassifier, ViT
 from fnn.train.parallel import MODES
 
 __all__ = ["Config", "ConfigError", "parse_config", "load_config", "build_model",
            "build_optimizer", "build_schedule", "build_loss", "MODELS", "MODEL_DATA",
-           "OPTIMIZERS", "SCHEDULES", "PRECISIONS", "HOST_MALLOC", "DATASETS"]
+           "OPTIMIZERS", "SCHEDULES", "PRECISIONS", "HOST_MALLOC", "DATASETS", "LANGUAGE_DATA"]
 
 MODELS: dict[str, Callable] = {"mlp": MLP, "lenet": LeNet, "resnet": ResNet, "vit": ViT,
-                               "charlstm": CharLSTM, "gpt": GPT}
-# the data each model trains on, and the model arguments that the data fills in
-MODEL_DATA: dict[str, tuple[str, tuple[str, ...]]] = {
-    "mlp": ("digits", ()), "lenet": ("digits", ()), "resnet": ("digits", ()),
-    "vit": ("digits", ()), "charlstm": ("text", ("vocab_size",)),
-    "gpt": ("text", ("vocab_size",)),
+                               "charlstm": CharLSTM, "gpt": GPT,
+                               "transformer_classifier": TransformerClassifier}
+_IMAGES = ("digits", "images", "arrays")
+# the data each model trains on; the model arguments that the data fills in (never given in a
+# config); and those it fills in when the config leaves them out (the number of classes)
+MODEL_DATA: dict[str, tuple[tuple[str, ...], tuple[str, ...], tuple[str, ...]]] = {
+    "mlp": (_IMAGES + ("csv",), (), ("out_features",)),
+    "lenet": (_IMAGES, (), ("num_classes",)), "resnet": (_IMAGES, (), ("num_classes",)),
+    "vit": (_IMAGES, (), ("num_classes",)),
+    "charlstm": (("text",), ("vocab_size",), ()), "gpt": (("text",), ("vocab_size",), ()),
+    "transformer_classifier": (("text_classes",), ("vocab_size",), ("num_classes",)),
+}
+LANGUAGE_DATA = ("text",)  # next-character prediction; the rest is classification
+AUGMENTATIONS: dict[str, Callable] = {
+    "random_crop": RandomCrop, "random_translate": RandomTranslate, "random_flip": RandomFlip,
+    "gaussian_noise": GaussianNoise, "cutout": Cutout,
 }
 OPTIMIZERS: dict[str, Callable] = {
     "adam": optax.adam, "adamw": optax.adamw, "sgd": optax.sgd, "rmsprop": optax.rmsprop,
@@ -62,11 +106,19 @@ SCHEDULES = {"constant": {"warmup_steps"}, "cosine": {"warmup_steps", "end_value
 PRECISIONS = ("float32", "bfloat16", "float16")  # presets of fnn.precision.Policy.parse
 HOST_MALLOC = ("default", "tuned")  # tuned: fnn.app.runtime.tune_host_malloc, set by `fnn train`
 # each data set's keys: required and optional
+_SPLIT = {"test_path", "test_fraction"}
 DATASETS = {"digits": ({"batch_size"}, set()),
-            "text": ({"batch_size", "seq_len"}, {"path", "eval_batch_size"})}
+            "text": ({"batch_size", "seq_len"}, {"path", "eval_batch_size"}),
+            "arrays": ({"batch_size", "path"}, _SPLIT),
+            "csv": ({"batch_size", "path", "label_column"}, _SPLIT),
+            "images": ({"batch_size", "path", "size"}, _SPLIT | {"channels"}),
+            "text_classes": ({"batch_size", "path", "seq_len"}, _SPLIT)}
 _OPTIONAL = {"parallel": {"mode": "none", "devices": None}, "precision": "float32",
              "checkpoint": {"every": None, "keep": 3}, "max_bad_steps": 10,
-             "host_malloc": "default"}
+             "host_malloc": "default", "init": None, "augment": None}
+# keys of the optimizer section that are fnn's, not the optax optimizer's
+GROUP_KEYS = ("frozen", "groups", "weight_decay_mask")
+DECAY_MASKS = ("matrices", "all")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -84,6 +136,8 @@ class Config:
     checkpoint: dict[str, Any]  # {"every": steps or None (only at the end), "keep": K}
     max_bad_steps: int  # consecutive non-finite steps before the run stops
     host_malloc: str  # default | tuned (glibc keeps freed memory: big steps stop faulting)
+    init: dict[str, Any] | None  # {"from": run dir, "take": patterns}: start from a run's params
+    augment: list[dict[str, Any]] | None  # augmentation layers applied in training, in order
 
 
 _TOP_LEVEL = {f.name: f.type for f in dataclasses.fields(Config)}
@@ -117,14 +171,17 @@ def _named_section(config: Mapping[str, Any], section: str, choices: Mapping[str
     return name, {k: v for k, v in value.items() if k != "name"}
 
 
-def _check_signature(where: str, fn: Callable, kwargs: Mapping[str, Any], skip=()) -> None:
+def _check_signature(where: str, fn: Callable, kwargs: Mapping[str, Any], skip=(),
+                     optional=()) -> None:
+    """``kwargs`` against ``fn``'s keyword arguments: none unknown (``skip``: not allowed),
+    none missing (``optional``: may be left out, the data fills them in)."""
     params = inspect.signature(fn).parameters
     allowed = {name for name, p in params.items()
                if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and name not in skip}
     _check_keys(where, kwargs, allowed)
     missing = [name for name, p in params.items() if p.default is p.empty
                and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
-               and name not in kwargs and name not in skip]
+               and name not in kwargs and name not in skip and name not in optional]
     if missing:
         raise ConfigError(f"{where} is missing {', '.join(missing)}")
 
@@ -183,32 +240,20 @@ def parse_config(raw: Any) -> Config:
 
     model_name, model_kwargs = _named_section(raw, "model", MODELS)
     data_name, data_kwargs = _named_section(raw, "data", DATASETS)
-    wanted_data, filled = MODEL_DATA[model_name]
-    if data_name != wanted_data:
-        raise ConfigError(f"model {model_name} trains on data {wanted_data!r}, got data "
-                          f"{data_name!r}")
+    wanted_data, filled, _ = MODEL_DATA[model_name]
+    if data_name not in wanted_data:
+        kinds = " or ".join(repr(kind) for kind in wanted_data)
+        raise ConfigError(f"model {model_name} trains on data {kinds}, got data {data_name!r}")
     for key in filled:
         if key in model_kwargs:
             raise ConfigError(f"model ({model_name}): {key} comes from the data; remove it")
-    _check_signature(f"model ({model_name})", MODELS[model_name], model_kwargs, skip=filled)
+    _check_signature(f"model ({model_name})", MODELS[model_name], model_kwargs, skip=filled,
+                     optional=MODEL_DATA[model_name][2])
     check_arguments(f"model ({model_name})", MODELS[model_name], model_kwargs)
-    required, optional = DATASETS[data_name]
-    _check_keys(f"data ({data_name})", data_kwargs, required | optional)
-    for key in sorted(required):
-        if key not in data_kwargs:
-            raise ConfigError(f"data ({data_name}) is missing {key}")
-    for key in sorted((required | optional) - {"path"}):
-        if key in data_kwargs:
-            _positive_or_none(f"data.{key}", data_kwargs[key], allow_none=False)
-    if data_kwargs.get("path") is not None and not isinstance(data_kwargs["path"], str):
-        raise ConfigError(f"data.path must be a file path, got {data_kwargs['path']!r}")
-    opt_name, opt_kwargs = _named_section(raw, "optimizer", OPTIMIZERS)
-    _check_signature(f"optimizer ({opt_name})", OPTIMIZERS[opt_name], opt_kwargs)
-    if "learning_rate" not in opt_kwargs:  # the schedule is built from it
-        raise ConfigError(f"optimizer ({opt_name}) is missing learning_rate")
-    check_arguments(f"optimizer ({opt_name})", OPTIMIZERS[opt_name], opt_kwargs)
-    check_value(f"optimizer ({opt_name})", "learning_rate", opt_kwargs["learning_rate"],
-                "number")
+    _check_data(data_name, data_kwargs)
+    _check_optimizer(raw)
+    raw["init"] = _check_init(raw["init"])
+    raw["augment"] = _check_augment(raw["augment"], data_name)
     schedule_name, schedule_kwargs = _named_section(raw, "schedule", SCHEDULES)
     _check_keys(f"schedule ({schedule_name})", schedule_kwargs, SCHEDULES[schedule_name])
     for key, kind in (("warmup_steps", "int"), ("end_value", "number")):
@@ -224,11 +269,132 @@ def parse_config(raw: Any) -> Config:
     return config
 
 
+def _check_data(name: str, kwargs: Mapping[str, Any]) -> None:
+    required, optional = DATASETS[name]
+    _check_keys(f"data ({name})", kwargs, required | optional)
+    for key in sorted(required):
+        if key not in kwargs:
+            raise ConfigError(f"data ({name}) is missing {key}")
+    for key in ("batch_size", "seq_len", "eval_batch_size"):
+        if key in kwargs:
+            _positive_or_none(f"data.{key}", kwargs[key], allow_none=False)
+    for key in ("path", "test_path"):
+        if kwargs.get(key) is not None and not isinstance(kwargs[key], str):
+            raise ConfigError(f"data.{key} must be a file path, got {kwargs[key]!r}")
+    if "test_path" in kwargs and "test_fraction" in kwargs:
+        raise ConfigError("data: give test_path (a test set of its own) or test_fraction (a "
+                          "fixed part of path), not both")
+    fraction = kwargs.get("test_fraction")
+    if fraction is not None:
+        check_value(f"data ({name})", "test_fraction", fraction, "number")
+        if not 0 < fraction < 1:
+            raise ConfigError(f"data ({name}): test_fraction must be in (0, 1), got {fraction!r}")
+    label = kwargs.get("label_column")
+    if "label_column" in kwargs and (not isinstance(label, (str, int)) or isinstance(label, bool)):
+        raise ConfigError(f"data ({name}): label_column must be a column name or index, got "
+                          f"{label!r}")
+    size = kwargs.get("size")
+    if "size" in kwargs and not (
+            (isinstance(size, int) and not isinstance(size, bool) and size > 0)
+            or (isinstance(size, list) and len(size) == 2 and all(
+                isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in size))):
+        raise ConfigError(f"data ({name}): size must be a positive int or [height, width], got "
+                          f"{size!r}")
+    if kwargs.get("channels", 3) not in (1, 3):
+        raise ConfigError(f"data ({name}): channels must be 1 (grayscale) or 3 (RGB), got "
+                          f"{kwargs['channels']!r}")
+
+
+def _patterns(where: str, value: Any) -> list[str]:
+    """A list of parameter patterns (a single string counts as a list of one)."""
+    listed = [value] if isinstance(value, str) else value
+    if not isinstance(listed, list) or not listed or not all(
+            isinstance(p, str) and p and not p.startswith("/") for p in listed):
+        raise ConfigError(f"{where} must be a list of parameter patterns such as trunk/** or "
+                          f"**/b, got {value!r}")
+    return listed
+
+
+def _check_optimizer(raw: Mapping[str, Any]) -> None:
+    name, kwargs = _named_section(raw, "optimizer", OPTIMIZERS)
+    where, fn = f"optimizer ({name})", OPTIMIZERS[name]
+    plain = {k: v for k, v in kwargs.items() if k not in GROUP_KEYS}
+    _check_signature(where, fn, plain, skip=("mask",))
+    if "learning_rate" not in plain:  # the schedule is built from it
+        raise ConfigError(f"{where} is missing learning_rate")
+    check_arguments(where, fn, plain)
+    check_value(where, "learning_rate", plain["learning_rate"], "number")
+    if "frozen" in kwargs:
+        _patterns(f"{where}: frozen", kwargs["frozen"])
+    if "weight_decay_mask" in kwargs:
+        if "mask" not in inspect.signature(fn).parameters:
+            raise ConfigError(f"{where}: weight_decay_mask is for optimizers with weight decay "
+                              f"and a mask ({', '.join(_decaying())}), not {name}")
+        if kwargs["weight_decay_mask"] not in DECAY_MASKS:
+            raise ConfigError(f"{where}: weight_decay_mask must be one of "
+                              f"{', '.join(DECAY_MASKS)}, got {kwargs['weight_decay_mask']!r}")
+    groups = kwargs.get("groups", [])
+    if not isinstance(groups, list):
+        raise ConfigError(f"{where}: groups must be a list of mappings with params (patterns) "
+                          f"and optimizer arguments, got {groups!r}")
+    for index, group in enumerate(groups):
+        at = f"{where}: groups[{index}]"
+        if not isinstance(group, Mapping) or "params" not in group:
+            raise ConfigError(f"{at} must be a mapping with params (patterns) and optimizer "
+                              f"arguments, got {group!r}")
+        _patterns(f"{at}.params", group["params"])
+        arguments = {k: v for k, v in group.items() if k != "params"}
+        _check_keys(at, arguments, {k for k in inspect.signature(fn).parameters
+                                    if k != "mask"})
+        check_arguments(at, fn, arguments)
+
+
+def _decaying() -> list[str]:
+    """The optimizers that take a weight-decay mask."""
+    return [name for name, fn in OPTIMIZERS.items() if "mask" in inspect.signature(fn).parameters]
+
+
+def _check_augment(value: Any, data_name: str) -> list[dict[str, Any]] | None:
+    if value is None:
+        return None
+    if not isinstance(value, list) or not all(isinstance(v, Mapping) for v in value):
+        raise ConfigError(f"augment must be a list of mappings with a name (one of "
+                          f"{', '.join(AUGMENTATIONS)}), got {value!r}")
+    if value and data_name not in _IMAGES:
+        raise ConfigError(f"augment works on image batches (data {', '.join(_IMAGES)}), got data "
+                          f"{data_name!r}")
+    for index, entry in enumerate(value):
+        name, kwargs = _named_section({"augment": entry}, "augment", AUGMENTATIONS)
+        where = f"augment[{index}] ({name})"
+        _check_signature(where, AUGMENTATIONS[name], kwargs)
+        check_arguments(where, AUGMENTATIONS[name], kwargs)
+        try:
+            AUGMENTATIONS[name](**kwargs)
+        except (ValueError, TypeError) as e:
+            raise ConfigError(f"{where}: {e}") from None
+    return [dict(entry) for entry in value]
+
+
+def _check_init(value: Any) -> dict[str, Any] | None:
+    if value is None:
+        return None
+    if not isinstance(value, Mapping) or "from" not in value:
+        raise ConfigError(f"init must be a mapping with from (a run directory) and take "
+                          f"(patterns, optional), got {value!r}")
+    _check_keys("init", value, {"from", "take"})
+    if not isinstance(value["from"], str) or not value["from"]:
+        raise ConfigError(f"init.from must be the directory of an fnn train run, got "
+                          f"{value['from']!r}")
+    return {"from": value["from"], "take": _patterns("init.take", value.get("take", ["**"]))}
+
+
 def _check_model(config: Config) -> None:
     """Builds the model (closures only: no JAX computation) so that its own checks of its
     hyper-parameters run now, and checks the data's windows against its ``max_length``."""
     name = config.model["name"]
-    filled = {key: 2 for key in MODEL_DATA[name][1]}  # stand-ins for what the data fills in
+    # stand-ins for what the data fills in
+    filled = {key: 2 for key in MODEL_DATA[name][1] + MODEL_DATA[name][2]
+              if key not in config.model}
     try:
         build_model(config, **filled)
     except (ValueError, TypeError) as e:
@@ -275,9 +441,11 @@ def _merge(raw: dict, overrides: Mapping[str, Any]) -> dict:
     return merged
 
 
-def build_schedule(config: Config, total_steps: int) -> optax.Schedule:
-    """The learning-rate schedule: ``optimizer.learning_rate`` shaped by ``schedule``."""
-    lr = config.optimizer["learning_rate"]
+def build_schedule(config: Config, total_steps: int,
+                   learning_rate: float | None = None) -> optax.Schedule:
+    """The learning-rate schedule: ``optimizer.learning_rate`` (or ``learning_rate``, a
+    group's) shaped by ``schedule``."""
+    lr = config.optimizer["learning_rate"] if learning_rate is None else learning_rate
     kwargs = {k: v for k, v in config.schedule.items() if k != "name"}
     warmup = kwargs.get("warmup_steps", 0)
     if warmup >= total_steps:
@@ -290,8 +458,47 @@ def build_schedule(config: Config, total_steps: int) -> optax.Schedule:
 
 
 def build_optimizer(config: Config, total_steps: int) -> optax.GradientTransformation:
-    kwargs = {k: v for k, v in config.optimizer.items() if k not in ("name", "learning_rate")}
-    return OPTIMIZERS[config.optimizer["name"]](build_schedule(config, total_steps), **kwargs)
+    """The optimizer over the whole run, with its parameter groups and weight-decay mask."""
+    from fnn.train.groups import decay_mask, param_groups
+
+    section = config.optimizer
+    fn = OPTIMIZERS[section["name"]]
+    base = {k: v for k, v in section.items() if k not in ("name", "learning_rate", *GROUP_KEYS)}
+    if "mask" in inspect.signature(fn).parameters and section.get(
+            "weight_decay_mask", "matrices") == "matrices":
+        base["mask"] = decay_mask
+
+    def make(arguments: Mapping[str, Any]) -> optax.GradientTransformation:
+        kwargs = base | {k: v for k, v in arguments.items() if k not in ("params",
+                                                                          "learning_rate")}
+        return fn(build_schedule(config, total_steps, arguments.get("learning_rate")), **kwargs)
+
+    groups = section.get("groups", [])
+    if not groups and "frozen" not in section:
+        return make({})
+    return param_groups(make({}), frozen=section.get("frozen", ()),
+                        groups=[(group["params"], make(group)) for group in groups])
+
+
+def _augmented(augment: list, model):
+    """``model`` with the ``augment`` layers applied before it in training; its params and state
+    are the model's own (so the param paths do not change with the config's augmentation)."""
+    import jax
+
+    from fnn.combinators import serial
+    from fnn.core import Layer
+
+    pipeline = serial(*augment)
+
+    def apply(params, state, x, *, key=None, train=False):
+        if not train:
+            return model.apply(params, state, x, key=key, train=False)
+        augment_key, model_key = (None, None) if key is None else jax.random.split(key)
+        x, _ = pipeline.apply(pipeline.init(jax.random.key(0), x)[0], {}, x, key=augment_key,
+                              train=True)
+        return model.apply(params, state, x, key=model_key, train=True)
+
+    return Layer(model.init, apply, model.name)
 
 
 def build_model(config: Config, **filled: Any):
@@ -303,6 +510,10 @@ def build_model(config: Config, **filled: Any):
     name = config.model["name"]
     kwargs = {k: v for k, v in config.model.items() if k != "name"} | filled
     model = MODELS[name](**kwargs)
+    if config.augment:
+        model = _augmented([AUGMENTATIONS[a["name"]](**{k: v for k, v in a.items()
+                                                         if k != "name"})
+                            for a in config.augment], model)
     return model if config.precision == "float32" else with_policy(
         model, Policy.parse(config.precision))
 

@@ -7,6 +7,12 @@ from fnn.train.checkpoint import restore_checkpoint as restore_checkpoint
 from fnn.train.checkpoint import restore_latest_intact as restore_latest_intact
 from fnn.train.checkpoint import save_checkpoint as save_checkpoint
 from fnn.train.debug import find_nonfinite as find_nonfinite
+from fnn.train.groups import ParamGroups as ParamGroups
+from fnn.train.groups import decay_mask as decay_mask
+from fnn.train.groups import leaf_paths as leaf_paths
+from fnn.train.groups import param_groups as param_groups
+from fnn.train.groups import select as select
+from fnn.train.groups import take as take
 from fnn.train.loop import NonFiniteError as NonFiniteError
 from fnn.train.loop import evaluate as evaluate
 from fnn.train.loop import evaluate_batches as evaluate_batches
@@ -32,6 +38,7 @@ __all__ = ["TrainState", "create_train_state", "make_train_step", "make_eval_ste
            "train_step_fn", "fit", "train", "evaluate", "evaluate_batches",
            "NonFiniteError", "Task", "classification_task",
            "language_model_task", "CheckpointError", "save_checkpoint", "restore_checkpoint",
-           "restore_latest_intact",
+           "restore_latest_intact", "param_groups", "ParamGroups", "decay_mask", "select",
+           "leaf_paths", "take",
            "list_steps", "latest_step", "find_nonfinite", "DATA_AXIS", "DataParallel",
            "data_parallel", "data_mesh", "replicate", "shard_batch", "unreplicate"]

@@ -373,8 +373,8 @@ def latest_step(root) -> int | None:
 
 # ----------------------------------------------------------------------------- restoring
 
-def restore_checkpoint(root, like, *, step: int | None = None,
-                       load: bool = True) -> tuple[Any, dict]:
+def restore_checkpoint(root, like, *, step: int | None = None, load: bool = True,
+                       subtree: str | None = None) -> tuple[Any, dict]:
     """Reads the checkpoint of ``step`` (default: the latest) from ``root``, verified.
 
     Args:
@@ -385,6 +385,10 @@ def restore_checkpoint(root, like, *, step: int | None = None,
       step: the step to read; ``None`` reads the latest.
       load: ``False`` only verifies the checkpoint (every check below, no device arrays made)
         and returns ``(None, metadata)``.
+      subtree: the name of one part of the saved tree to restore, ``like`` then having the
+        structure of that part only: ``subtree="params"`` reads the params of a whole train
+        state's checkpoint (a field of a NamedTuple or a key of a dict at the top of the tree).
+        Every array of the checkpoint is still verified.
 
     Returns:
       ``(tree, metadata)``: a pytree of jax arrays with the structure of ``like``, and the
@@ -401,8 +405,12 @@ def restore_checkpoint(root, like, *, step: int | None = None,
         _check_inside(root, path)
     manifest = _read_manifest(directory / MANIFEST)
     like_leaves, treedef = jax.tree_util.tree_flatten_with_path(like)
-    like_by_path = {jax.tree_util.keystr(p): leaf for p, leaf in like_leaves}
-    _check_like(manifest, like_by_path, directory / MANIFEST)
+    prefix = "" if subtree is None else _subtree_prefix(manifest, subtree, directory / MANIFEST,
+                                                        empty=not like_leaves)
+    like_by_path = {prefix + jax.tree_util.keystr(p): leaf for p, leaf in like_leaves}
+    _check_like(manifest._replace(entries=[e for e in manifest.entries
+                                           if _under(e.path, prefix)]),
+                like_by_path, directory / MANIFEST)
     arrays = _read_arrays(directory / DATA_FILE, manifest)
     if not load:
         return None, manifest.metadata
@@ -410,6 +418,30 @@ def restore_checkpoint(root, like, *, step: int | None = None,
     values = [_to_jax(arrays[path], entries[path], leaf, directory / DATA_FILE)
               for path, leaf in like_by_path.items()]
     return jax.tree_util.tree_unflatten(treedef, values), manifest.metadata
+
+
+def _under(path: str, prefix: str) -> bool:
+    """Whether the key path ``path`` lies in the subtree at ``prefix`` (``""``: the root)."""
+    return path.startswith(prefix) and path[len(prefix):len(prefix) + 1] in ("", ".", "[")
+
+
+def _subtree_prefix(manifest: _Manifest, name: str, manifest_path: pathlib.Path,
+                    empty: bool) -> str:
+    """The key path of the top-level part ``name``: ``.name`` (a field) or ``['name']``. A
+    part without arrays (an empty model state) leaves nothing in the manifest: with ``empty``
+    (``like`` has no leaves either) that is no error."""
+    if not isinstance(name, str) or not name:
+        raise TypeError(f"restore_checkpoint: subtree is the name of a part of the saved tree "
+                        f"(\"params\"), got {name!r}")
+    for prefix in (f".{name}", f"[{name!r}]"):
+        if any(_under(e.path, prefix) for e in manifest.entries):
+            return prefix
+    if empty:
+        return f".{name}"
+    tops = sorted({re.match(r"^(\.\w+|\[[^\]]*\])", e.path).group(1)
+                   for e in manifest.entries if re.match(r"^(\.\w+|\[[^\]]*\])", e.path)})
+    raise CheckpointError(f"{manifest_path}: the checkpoint has no subtree {name!r}; its parts "
+                          f"are {', '.join(tops) or 'none (a single array)'}")
 
 
 def _check_inside(root: pathlib.Path, path: pathlib.Path) -> None:
@@ -423,18 +455,20 @@ def _check_inside(root: pathlib.Path, path: pathlib.Path) -> None:
                               f"root {root}: refused")
 
 
-def restore_latest_intact(root, like, *, load: bool = True
+def restore_latest_intact(root, like, *, load: bool = True, subtree: str | None = None
                           ) -> tuple[Any, dict, int, list[tuple[int, str]]]:
     """:func:`restore_checkpoint` of the newest checkpoint in ``root`` that restores: returns
     ``(tree, metadata, step, corrupt)``, where ``corrupt`` lists ``(step, reason)`` for each
     newer checkpoint that did not (a flipped byte, a truncated file, a changed manifest).
-    ``load=False`` only finds and verifies it (``tree`` is then ``None``). Raises
+    ``load=False`` only finds and verifies it (``tree`` is then ``None``); ``subtree`` as in
+    :func:`restore_checkpoint`. Raises
     :class:`CheckpointError` when there is none, or none restores."""
     root = pathlib.Path(root)
     corrupt: list[tuple[int, str]] = []
     for step in sorted(_step_dirs(root), reverse=True):
         try:
-            tree, metadata = restore_checkpoint(root, like, step=step, load=load)
+            tree, metadata = restore_checkpoint(root, like, step=step, load=load,
+                                                subtree=subtree)
         except CheckpointError as e:
             corrupt.append((step, str(e)))
             continue

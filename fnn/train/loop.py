@@ -129,8 +129,9 @@ def check_outputs(caller: str, model: Layer, params, state, task: Task) -> None:
 
 
 def _start(model: Layer, optimizer, task: Task, seed: int, checkpoint_dir, resume: bool,
-           num_steps: int) -> _Start:
-    ts = create_train_state(model, optimizer, jax.random.key(seed), task.example)
+           num_steps: int, params, state) -> _Start:
+    ts = create_train_state(model, optimizer, jax.random.key(seed), task.example,
+                            params=params, state=state)
     check_outputs("train", model, ts.params, ts.state, task)
     if not (resume and checkpoint_dir is not None and latest_step(checkpoint_dir) is not None):
         return _Start(ts, [], _TrainMeans(), 0.0)
@@ -187,7 +188,8 @@ def train(model: Layer, optimizer: optax.GradientTransformation, loss: Loss, tas
           checkpoint_dir: str | Path | None = None, checkpoint_every: int | None = None,
           keep: int = 3, resume: bool = False, max_bad_steps: int = 10,
           on_log: Callable[[dict[str, Any]], None] | None = None,
-          progress: bool = True) -> tuple[TrainState, list[dict[str, Any]]]:
+          progress: bool = True, params: Any = None,
+          state: Any = None) -> tuple[TrainState, list[dict[str, Any]]]:
     """Trains ``model`` on ``task`` for ``num_steps`` steps; returns the final train state and
     the history.
 
@@ -204,6 +206,9 @@ def train(model: Layer, optimizer: optax.GradientTransformation, loss: Loss, tas
       keeping the last ``keep``. With ``resume`` the run continues from the latest checkpoint
       there (if any) and ends exactly as the uninterrupted run would: batches are a function of
       the step, and every random key derives from the seed and the step.
+    - ``params`` and ``state``: start from these (pretrained weights, or another run's)
+      instead of the model's init, checked against it (see
+      :func:`~fnn.train.create_train_state`). A resumed run starts from its checkpoint instead.
     - A step whose loss or gradient is not finite changes nothing and is counted; after
       ``max_bad_steps`` such steps in a row :class:`NonFiniteError` is raised, naming the first
       layer whose output or gradient is not finite on the last bad batch.
@@ -218,7 +223,8 @@ def train(model: Layer, optimizer: optax.GradientTransformation, loss: Loss, tas
         raise ValueError("train: resume=True needs the checkpoint_dir to resume from")
     eval_every = task.steps_per_epoch if eval_every is None else eval_every
     runner = data_parallel(model, optimizer, loss, task.metrics, mode=parallel, devices=devices)
-    start = _start(model, optimizer, task, seed, checkpoint_dir, resume, num_steps)
+    start = _start(model, optimizer, task, seed, checkpoint_dir, resume, num_steps, params,
+                   state)
     history, means = start.history, start.means
     eval_step = make_eval_step(model, loss, task.metrics)
     writer = jax.process_index() == 0
@@ -286,7 +292,8 @@ def fit(model: Layer, optimizer: optax.GradientTransformation, data: Split, loss
     Returns the final train state and the history: one row per epoch with ``epoch``, ``step``,
     ``train_<metric>`` (the mean over the epoch's steps), ``test_<metric>``, ``skipped`` and
     ``seconds``. ``on_epoch`` is called with each row as it is made. ``options`` are passed to
-    :func:`train` (``parallel``, ``checkpoint_dir``, ``resume``, ...).
+    :func:`train` (``params`` and ``state`` to start from, ``parallel``, ``checkpoint_dir``,
+    ``resume``, ...).
     """
     _check_arguments("fit", epochs=epochs, **{k: options[k] for k in (
         "eval_every", "checkpoint_every", "keep", "max_bad_steps") if k in options})

@@ -33,14 +33,28 @@ def _compiled_init(init, treedef, spec_leaves, key):
 
 
 def create_train_state(model: Layer, optimizer: optax.GradientTransformation, key: jax.Array,
-                       x: Any) -> TrainState:
+                       x: Any, *, params: Params | None = None,
+                       state: State | None = None) -> TrainState:
     """Initialises ``model`` for inputs shaped like ``x`` and ``optimizer`` for its params.
 
-    ``step``, ``skipped`` and ``bad_streak`` start at 0.
+    ``params`` and ``state`` start from the given trees instead of ``model.init`` (pretrained
+    weights, or a run's: :func:`fnn.app.load_run`), after checking them against what init
+    makes (:func:`fnn.check_params`: every path, shape and dtype); they are copied, so the
+    given arrays stay usable after a donating train step. ``step``, ``skipped`` and
+    ``bad_streak`` start at 0.
     """
     init_key, train_key = jax.random.split(key)
-    leaves, treedef = jax.tree.flatten(as_spec(x))
-    params, state = _compiled_init(model.init, treedef, tuple(leaves), init_key)
+    if params is None or state is None:
+        leaves, treedef = jax.tree.flatten(as_spec(x))
+        fresh_params, fresh_state = _compiled_init(model.init, treedef, tuple(leaves), init_key)
+    if params is not None or state is not None:
+        from fnn.inspection import check_params
+
+        params = fresh_params if params is None else jax.tree.map(jnp.copy, params)
+        state = fresh_state if state is None else jax.tree.map(jnp.copy, state)
+        check_params(model, params, state, x)
+    else:
+        params, state = fresh_params, fresh_state
     # three separate buffers: a donating step must not see one buffer twice
     step, skipped, bad_streak = (jnp.zeros((), jnp.int32) for _ in range(3))
     # optax mixes dtypes (e.g. a float32 hyper-parameter with bfloat16 params), as in the step

@@ -12,6 +12,7 @@ from jax import lax
 
 from fnn.core import Layer, array_of, batch_axis
 from fnn.losses import accuracy
+from fnn.train.groups import frozen_mask
 from fnn.train.state import TrainState
 
 Loss = Callable[[jax.Array, jax.Array], jax.Array]  # (outputs, targets) -> scalar
@@ -59,13 +60,16 @@ def train_step_fn(model: Layer, optimizer: optax.GradientTransformation, loss: L
     ``fold_in(fold_in(key, step), device index)``, so devices drop different units.
     """
 
-    def objective(params, state, x, y, key):
+    def objective(params, state, x, y, key, *, frozen):
+        if frozen is not None:  # constants to the gradient: XLA computes none of theirs
+            params = jax.tree.map(lambda p, f: lax.stop_gradient(p) if f else p, params, frozen)
         outputs, new_state = model.apply(params, state, x, key=key, train=True)
         return loss(outputs, y), (outputs, new_state)
 
     def step(ts: TrainState, x, y):
         key = jax.random.fold_in(ts.key, ts.step)
         params = ts.params
+        frozen = frozen_mask(optimizer, params)  # from the param tree's structure: static
         if axis_name is not None:
             key = jax.random.fold_in(key, lax.axis_index(axis_name))
             # Differentiate each device's own loss with respect to a per-device copy of the
@@ -73,13 +77,18 @@ def train_step_fn(model: Layer, optimizer: optax.GradientTransformation, loss: L
             # (invariant) parameter is otherwise summed over devices by the transpose of the
             # implicit broadcast, while under pmap it is not: marking the params as varying
             # gives the local gradient in both, and the pmean below the global mean.
-            params = jax.tree.map(functools.partial(_as_varying, axis_name=axis_name), params)
+            # (a frozen leaf stays replicated: it gets no gradient and no mean)
+            fixed = jax.tree.map(lambda _: False, params) if frozen is None else frozen
+            params = jax.tree.map(lambda p, f: p if f else _as_varying(p, axis_name), params,
+                                  fixed)
         with batch_axis(axis_name):  # BatchNorm: the statistics of the whole global batch
-            (value, (outputs, new_state)), grads = jax.value_and_grad(objective, has_aux=True)(
+            (value, (outputs, new_state)), grads = jax.value_and_grad(
+                functools.partial(objective, frozen=frozen), has_aux=True)(
                 params, ts.state, x, y, key)
         results = {"loss": value} | metric_values(metrics, outputs, y)
         if axis_name is not None:
-            grads, results = lax.pmean((grads, results), axis_name)
+            grads = _mean_trainable(grads, frozen, axis_name)  # frozen: zeros on every device
+            results = lax.pmean(results, axis_name)
             new_state = _mean_floating(new_state, axis_name)
         # decided after the mean: every replica sees the same loss and gradients
         ok = _all_finite(results["loss"], grads)
@@ -115,6 +124,13 @@ def _as_varying(a: jax.Array, axis_name: str) -> jax.Array:
         return lax.pcast(a, axis_name, to="varying")
     except ValueError:  # it varies already: a per-device copy, as in pmap's stacked layout
         return a
+
+
+def _mean_trainable(grads: Any, frozen: Any, axis_name: str) -> Any:
+    """The mean over ``axis_name`` of the gradients of the leaves that are not frozen."""
+    if frozen is None:
+        return lax.pmean(grads, axis_name)
+    return jax.tree.map(lambda g, f: g if f else lax.pmean(g, axis_name), grads, frozen)
 
 
 def _all_finite(loss: jax.Array, grads: Any) -> jax.Array:

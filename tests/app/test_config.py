@@ -35,7 +35,7 @@ def test_shipped_configs_are_valid(path):
      r"unknown key 'warmup' in schedule \(cosine\); did you mean 'warmup_steps'\?"),
     (lambda c: c["data"].update(batchsize=3), r"unknown key 'batchsize' in data \(digits\)"),
     (lambda c: c["loss"].update(smoothing=0.1), r"unknown key 'smoothing' in loss"),
-    (lambda c: c["model"].pop("out_features"), r"model \(mlp\) is missing out_features"),
+    (lambda c: c["model"].pop("hidden_features"), r"model \(mlp\) is missing hidden_features"),
     (lambda c: c.pop("seed"), r"the config is missing seed"),
     (lambda c: c.update(epochs="ten"), r"epochs must be int, got 'ten'"),
     (lambda c: c["data"].update(batch_size=0), r"data.batch_size must be a positive int"),
@@ -59,6 +59,37 @@ def test_bad_configs_are_rejected_with_a_clear_message(edit, message):
     (lambda c: c.update(host_malloc="fast"), r"unknown key 'fast' in host_malloc"),
     (lambda c: c.update(model={"name": "gpt"}),
      r"model gpt trains on data 'text', got data 'digits'"),
+    (lambda c: c.update(data={"name": "arrays", "batch_size": 8}),
+     r"data \(arrays\) is missing path"),
+    (lambda c: c.update(data={"name": "csv", "batch_size": 8, "path": "a.csv"}),
+     r"data \(csv\) is missing label_column"),
+    (lambda c: c.update(data={"name": "arrays", "batch_size": 8, "path": "a.npz",
+                              "test_path": "b.npz", "test_fraction": 0.2}),
+     r"data: give test_path .* or test_fraction .*, not both"),
+    (lambda c: c.update(data={"name": "arrays", "batch_size": 8, "path": "a.npz",
+                              "test_fraction": 1.0}),
+     r"data \(arrays\): test_fraction must be in \(0, 1\), got 1.0"),
+    (lambda c: c.update(data={"name": "images", "batch_size": 8, "path": "d", "size": [8]}),
+     r"data \(images\): size must be a positive int or \[height, width\], got \[8\]"),
+    (lambda c: c.update(data={"name": "images", "batch_size": 8, "path": "d", "size": 8,
+                              "channels": 2}),
+     r"data \(images\): channels must be 1 \(grayscale\) or 3 \(RGB\), got 2"),
+    (lambda c: c.update(data={"name": "csv", "batch_size": 8, "path": "a.csv",
+                              "label_column": 1.5}),
+     r"data \(csv\): label_column must be a column name or index, got 1.5"),
+    (lambda c: c.update(data={"name": "text_classes", "batch_size": 8, "path": "d",
+                              "seq_len": 8}),
+     r"model mlp trains on data 'digits' or 'images' or 'arrays' or 'csv', got data "
+     r"'text_classes'"),
+    (lambda c: c.update(augment={"name": "random_crop"}), r"augment must be a list of mappings"),
+    (lambda c: c.update(augment=[{"name": "random_rotate"}]),
+     r"unknown key 'random_rotate' in augment.name"),
+    (lambda c: c.update(augment=[{"name": "random_crop", "pad": 1}]),
+     r"unknown key 'pad' in augment\[0\] \(random_crop\)"),
+    (lambda c: c.update(augment=[{"name": "gaussian_noise", "stddev": "x"}]),
+     r"augment\[0\] \(gaussian_noise\): stddev must be a finite number, got 'x' \(a string\)"),
+    (lambda c: c.update(augment=[{"name": "cutout", "size": 2, "p": 2.0}]),
+     r"augment\[0\] \(cutout\): Cutout: p must be"),
 ])
 def test_bad_optional_sections_are_rejected(edit, message):
     raw = _raw()
@@ -168,3 +199,13 @@ def test_an_override_of_one_key_of_a_section_keeps_the_others(tmp_path):
     with pytest.raises(ConfigError, match=r"parallel.devices is 4 but parallel.mode is none "
                                           r"\(one device\): give a mode"):
         load_config(tmp_path / "s.yaml", {"parallel": {"mode": "none", "devices": 4}})
+
+
+def test_the_number_of_classes_may_come_from_the_data():
+    raw = _raw()
+    del raw["model"]["out_features"]
+    assert "out_features" not in parse_config(raw).model
+    raw = _raw("charlm_lstm.yaml")
+    raw["model"]["vocab_size"] = 3
+    with pytest.raises(ConfigError, match=r"vocab_size comes from the data; remove it"):
+        parse_config(raw)

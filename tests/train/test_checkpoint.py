@@ -526,3 +526,36 @@ def test_restore_latest_intact_reports_and_set_aside_keeps_the_corrupt_ones(tmp_
         set_aside(tmp_path, step)
     with pytest.raises(CheckpointError, match=r"no complete checkpoint in"):
         restore_latest_intact(tmp_path, like)
+
+
+def test_restore_a_subtree_of_a_train_state(tmp_path):
+    model = MLP([8], 3)
+    ts = create_train_state(model, optax.adam(1e-3), jax.random.key(0), jnp.zeros((2, 5)))
+    save_checkpoint(tmp_path, 4, ts)
+    like = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((2, 5)))[0]
+    params, _ = restore_checkpoint(tmp_path, like, subtree="params")
+    assert jax.tree.structure(params) == jax.tree.structure(ts.params)
+    for got, want in zip(jax.tree.leaves(params), jax.tree.leaves(ts.params)):
+        assert np.asarray(got).tobytes() == np.asarray(want).tobytes()
+    state, _ = restore_checkpoint(tmp_path, {}, subtree="state")  # an MLP has no state
+    assert state == {}
+    # a dict at the top: the subtree is a key
+    save_checkpoint(tmp_path / "d", 1, {"params": ts.params, "other": jnp.ones(3)})
+    params, _ = restore_checkpoint(tmp_path / "d", like, subtree="params")
+    np.testing.assert_array_equal(params["head"]["w"], ts.params["head"]["w"])
+    with pytest.raises(CheckpointError, match=r"the checkpoint has no subtree 'weights'; its "
+                                              r"parts are .bad_streak, .key, .opt_state, "
+                                              r".params, .skipped, .step$"):
+        restore_checkpoint(tmp_path, like, subtree="weights")
+    wrong = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape[::-1], s.dtype), like)
+    with pytest.raises(CheckpointError, match=r"\.params\['dense1'\]\['w'\]: `like` expects "
+                                              r"float32\[8, 5\], the checkpoint has "
+                                              r"float32\[5, 8\]"):
+        restore_checkpoint(tmp_path, wrong, subtree="params")
+    # damage anywhere is found, also outside the subtree
+    data = tmp_path / "step_00000004" / "arrays.bin"
+    raw = bytearray(data.read_bytes())
+    raw[-1] ^= 1
+    data.write_bytes(bytes(raw))
+    with pytest.raises(CheckpointError, match="sha256"):
+        restore_checkpoint(tmp_path, like, subtree="params")

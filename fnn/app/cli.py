@@ -12,8 +12,8 @@ import json
 import sys
 from pathlib import Path
 
-from fnn.app.config import (HOST_MALLOC, LANGUAGE_DATA, ConfigError, build_loss, build_model,
-                            build_optimizer, load_config)
+from fnn.app.config import (HOST_MALLOC, LANGUAGE_DATA, ConfigError, build_loss, build_mix,
+                            build_model, build_optimizer, load_config)
 from fnn.app.runs import load_run, run_config, start_weights, task_of
 from fnn.train.parallel import MODES
 
@@ -119,7 +119,8 @@ def train(args: argparse.Namespace) -> int:
                          checkpoint_every=config.checkpoint["every"],
                          keep=config.checkpoint["keep"], resume=run_plan.resume_step is not None,
                          max_bad_steps=config.max_bad_steps, on_log=log,
-                         progress=not args.no_progress, params=start[0], state=start[1])
+                         progress=not args.no_progress, params=start[0], state=start[1],
+                         mix=build_mix(config, task.num_classes))
     except NonFiniteError as e:
         print(f"fnn: error: {e}", file=sys.stderr)
         return 1

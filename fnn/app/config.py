@@ -20,6 +20,7 @@ A config has these sections (see ``configs/digits_cnn.yaml``)::
     host_malloc: default                   # or tuned: see fnn.app.runtime.tune_host_malloc
     init: null                             # or {from: runs/x, take: [trunk/**]}: start from a run
     augment: null                          # or [{name: random_crop, padding: 1}, ...]: below
+    mix: null                              # or {name: mixup, alpha: 0.2} (or cutmix): below
 
 Parameter groups (:mod:`fnn.train.groups`; patterns are paths like ``trunk/**`` or ``**/b``):
 ``optimizer.frozen`` lists the parameters that are not trained (no update, no optimizer state);
@@ -57,7 +58,9 @@ leaves it out.
 ``augment`` lists augmentation layers (:mod:`fnn.layers.augment`: ``random_crop``,
 ``random_translate``, ``random_flip``, ``gaussian_noise``, ``cutout``, each with its factory's
 arguments) applied to image batches in training only, in order, before the model; the model's
-params are the same as without them.
+params are the same as without them. ``mix`` mixes every training batch with a permutation
+of itself, inputs and labels (:func:`fnn.mixup`; :func:`fnn.cutmix` pastes a box of the other
+image), for ``softmax_cross_entropy``, which takes the mixed (soft) labels.
 """
 
 from __future__ import annotations
@@ -71,13 +74,14 @@ from typing import Any, Callable, Mapping
 import optax
 
 from fnn.app.values import ConfigError, check_arguments, check_value, load_yaml
-from fnn.layers.augment import Cutout, GaussianNoise, RandomCrop, RandomFlip, RandomTranslate
+from fnn.layers.augment import (Cutout, GaussianNoise, RandomCrop, RandomFlip, RandomTranslate,
+                                cutmix, mixup)
 from fnn.losses import LOSSES
 from fnn.models import GPT, MLP, CharLSTM, LeNet, ResNet, TransformerClassifier, ViT
 from fnn.train.parallel import MODES
 
 __all__ = ["Config", "ConfigError", "parse_config", "load_config", "build_model",
-           "build_optimizer", "build_schedule", "build_loss", "MODELS", "MODEL_DATA",
+           "build_optimizer", "build_schedule", "build_loss", "build_mix", "MODELS", "MODEL_DATA",
            "OPTIMIZERS", "SCHEDULES", "PRECISIONS", "HOST_MALLOC", "DATASETS", "LANGUAGE_DATA"]
 
 MODELS: dict[str, Callable] = {"mlp": MLP, "lenet": LeNet, "resnet": ResNet, "vit": ViT,
@@ -98,6 +102,7 @@ AUGMENTATIONS: dict[str, Callable] = {
     "random_crop": RandomCrop, "random_translate": RandomTranslate, "random_flip": RandomFlip,
     "gaussian_noise": GaussianNoise, "cutout": Cutout,
 }
+MIXES: dict[str, Callable] = {"mixup": mixup, "cutmix": cutmix}
 OPTIMIZERS: dict[str, Callable] = {
     "adam": optax.adam, "adamw": optax.adamw, "sgd": optax.sgd, "rmsprop": optax.rmsprop,
     "lamb": optax.lamb, "lion": optax.lion, "adafactor": optax.adafactor,
@@ -115,7 +120,7 @@ DATASETS = {"digits": ({"batch_size"}, set()),
             "text_classes": ({"batch_size", "path", "seq_len"}, _SPLIT)}
 _OPTIONAL = {"parallel": {"mode": "none", "devices": None}, "precision": "float32",
              "checkpoint": {"every": None, "keep": 3}, "max_bad_steps": 10,
-             "host_malloc": "default", "init": None, "augment": None}
+             "host_malloc": "default", "init": None, "augment": None, "mix": None}
 # keys of the optimizer section that are fnn's, not the optax optimizer's
 GROUP_KEYS = ("frozen", "groups", "weight_decay_mask")
 DECAY_MASKS = ("matrices", "all")
@@ -138,6 +143,7 @@ class Config:
     host_malloc: str  # default | tuned (glibc keeps freed memory: big steps stop faulting)
     init: dict[str, Any] | None  # {"from": run dir, "take": patterns}: start from a run's params
     augment: list[dict[str, Any]] | None  # augmentation layers applied in training, in order
+    mix: dict[str, Any] | None  # {"name": mixup | cutmix, "alpha": a}: batches mixed in training
 
 
 _TOP_LEVEL = {f.name: f.type for f in dataclasses.fields(Config)}
@@ -263,6 +269,7 @@ def parse_config(raw: Any) -> Config:
     _check_signature(f"loss ({loss_name})", LOSSES[loss_name], loss_kwargs,
                      skip=("logits", "labels", "predictions", "targets"))
     check_arguments(f"loss ({loss_name})", LOSSES[loss_name], loss_kwargs)
+    raw["mix"] = _check_mix(raw["mix"], data_name, loss_name)
     config = Config(**{key: dict(raw[key]) if isinstance(raw[key], Mapping) else raw[key]
                        for key in _TOP_LEVEL})
     _check_model(config)
@@ -373,6 +380,36 @@ def _check_augment(value: Any, data_name: str) -> list[dict[str, Any]] | None:
         except (ValueError, TypeError) as e:
             raise ConfigError(f"{where}: {e}") from None
     return [dict(entry) for entry in value]
+
+
+def _check_mix(value: Any, data_name: str, loss_name: str) -> dict[str, Any] | None:
+    if value is None:
+        return None
+    name, kwargs = _named_section({"mix": value}, "mix", MIXES)
+    _check_keys(f"mix ({name})", kwargs, {"alpha"})
+    if "alpha" not in kwargs:
+        raise ConfigError(f"mix ({name}) is missing alpha (the Beta(alpha, alpha) of the mixing "
+                          f"share, e.g. 0.2)")
+    check_value(f"mix ({name})", "alpha", kwargs["alpha"], "number")
+    if not kwargs["alpha"] > 0:
+        raise ConfigError(f"mix ({name}): alpha must be a number > 0, got {kwargs['alpha']!r}")
+    kinds = _IMAGES if name == "cutmix" else _IMAGES + ("csv",)
+    if data_name not in kinds:
+        raise ConfigError(f"mix ({name}) mixes {'images' if name == 'cutmix' else 'inputs'} "
+                          f"of a classification (data {', '.join(kinds)}), got data "
+                          f"{data_name!r}")
+    if loss_name != "softmax_cross_entropy":
+        raise ConfigError(f"mix ({name}) gives soft labels, which softmax_cross_entropy takes; "
+                          f"the loss is {loss_name}")
+    return {"name": name, "alpha": kwargs["alpha"]}
+
+
+def build_mix(config: Config, num_classes: int):
+    """The config's batch mix, ``(key, x, labels) -> (x, soft_labels)``, or None."""
+    if config.mix is None:
+        return None
+    fn, alpha = MIXES[config.mix["name"]], config.mix["alpha"]
+    return lambda key, x, labels: fn(key, x, labels, num_classes, alpha=alpha)
 
 
 def _check_init(value: Any) -> dict[str, Any] | None:

@@ -22,7 +22,9 @@ True
 (2, 3, 3, 1)
 
 ``mixup`` and ``cutmix`` mix a batch and return soft labels for
-:func:`fnn.losses.softmax_cross_entropy`; call them on the batch in the loss, in training only::
+:func:`fnn.losses.softmax_cross_entropy`. ``fit``, ``train`` and the train steps take one as
+``mix`` (``functools.partial(fnn.mixup, num_classes=10, alpha=0.2)``) and apply it to every
+training batch; in a loop of your own, call it on the batch in training only::
 
     mixed, soft_labels = fnn.cutmix(mix_key, x, labels, num_classes, alpha=1.0)
     logits, state = model.apply(params, state, mixed, key=model_key, train=True)

@@ -21,7 +21,7 @@ from fnn.train.checkpoint import (latest_step, restore_latest_intact, save_check
 from fnn.train.debug import find_nonfinite
 from fnn.train.parallel import MODES, data_parallel
 from fnn.train.state import TrainState, create_train_state
-from fnn.train.step import Loss, Metric, make_eval_step
+from fnn.train.step import Loss, Metric, Mix, make_eval_step
 from fnn.train.tasks import Task, classification_task
 
 # per-step entries of the step's metrics that are counters, not averaged into the history
@@ -188,8 +188,8 @@ def train(model: Layer, optimizer: optax.GradientTransformation, loss: Loss, tas
           checkpoint_dir: str | Path | None = None, checkpoint_every: int | None = None,
           keep: int = 3, resume: bool = False, max_bad_steps: int = 10,
           on_log: Callable[[dict[str, Any]], None] | None = None,
-          progress: bool = True, params: Any = None,
-          state: Any = None) -> tuple[TrainState, list[dict[str, Any]]]:
+          progress: bool = True, params: Any = None, state: Any = None,
+          mix: Mix | None = None) -> tuple[TrainState, list[dict[str, Any]]]:
     """Trains ``model`` on ``task`` for ``num_steps`` steps; returns the final train state and
     the history.
 
@@ -209,6 +209,7 @@ def train(model: Layer, optimizer: optax.GradientTransformation, loss: Loss, tas
     - ``params`` and ``state``: start from these (pretrained weights, or another run's)
       instead of the model's init, checked against it (see
       :func:`~fnn.train.create_train_state`). A resumed run starts from its checkpoint instead.
+    - ``mix``: mixup or cutmix of every training batch (see :func:`~fnn.train.train_step_fn`).
     - A step whose loss or gradient is not finite changes nothing and is counted; after
       ``max_bad_steps`` such steps in a row :class:`NonFiniteError` is raised, naming the first
       layer whose output or gradient is not finite on the last bad batch.
@@ -222,7 +223,8 @@ def train(model: Layer, optimizer: optax.GradientTransformation, loss: Loss, tas
     if resume and checkpoint_dir is None:
         raise ValueError("train: resume=True needs the checkpoint_dir to resume from")
     eval_every = task.steps_per_epoch if eval_every is None else eval_every
-    runner = data_parallel(model, optimizer, loss, task.metrics, mode=parallel, devices=devices)
+    runner = data_parallel(model, optimizer, loss, task.metrics, mode=parallel, devices=devices,
+                           mix=mix)
     start = _start(model, optimizer, task, seed, checkpoint_dir, resume, num_steps, params,
                    state)
     history, means = start.history, start.means

@@ -41,7 +41,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from fnn.core import Layer
 from fnn.train.state import TrainState
-from fnn.train.step import DonatingStep, Loss, Metric, make_train_step, train_step_fn
+from fnn.train.step import DonatingStep, Loss, Metric, Mix, make_train_step, train_step_fn
 
 MODES = ("none", "pmap", "sharded")
 DATA_AXIS = "data"  # the mesh axis of "sharded" and the pmap axis of "pmap"
@@ -133,13 +133,14 @@ class DataParallel:
 def data_parallel(model: Layer, optimizer: optax.GradientTransformation, loss: Loss,
                   metrics: Mapping[str, Metric] | None = None, *, mode: str = "none",
                   devices: Sequence[jax.Device] | None = None,
-                  donate: bool = True) -> DataParallel:
+                  donate: bool = True, mix: Mix | None = None) -> DataParallel:
     """The train step of :func:`fnn.train.train_step_fn` run data parallel over ``devices``.
 
     ``mode``: ``"none"`` (one device: ``devices[0]``, default the first local device),
     ``"pmap"`` (default: every local device) or ``"sharded"`` (default: every device of every
     process); see the module docstring for how each lays out the state and the batch. With
-    ``donate`` each step reuses the buffers of the train state it is given.
+    ``donate`` each step reuses the buffers of the train state it is given; ``mix`` mixes
+    each batch (see :func:`fnn.train.train_step_fn`).
 
     Raises ``ValueError`` for an unknown mode, an empty device list, several devices with
     ``"none"``, ``"none"``/``"pmap"`` with several processes, and a ``"sharded"`` mesh that
@@ -155,7 +156,7 @@ def data_parallel(model: Layer, optimizer: optax.GradientTransformation, loss: L
         raise ValueError(f"data_parallel: expected at least one device for mode {mode!r}, "
                          f"got none")
     build = {"none": _single_device, "pmap": _pmap, "sharded": _sharded}[mode]
-    runner = build(model, optimizer, loss, metrics, devices, donate)
+    runner = build(model, optimizer, loss, metrics, devices, donate, mix)
     if donate and mode != "none":  # "none" is make_train_step's, which says so itself
         runner.step = DonatingStep(runner.step, f"data_parallel(mode={mode!r}) step")
     return runner
@@ -163,24 +164,26 @@ def data_parallel(model: Layer, optimizer: optax.GradientTransformation, loss: L
 
 # ----------------------------------------------------------------------------- the three modes
 
-def _single_device(model, optimizer, loss, metrics, devices, donate) -> DataParallel:
+def _single_device(model, optimizer, loss, metrics, devices, donate, mix) -> DataParallel:
     if devices is not None and len(devices) > 1:
         raise ValueError(f"data_parallel: mode 'none' trains on one device, got "
                          f"{len(devices)} devices; use mode='pmap' or 'sharded' for several")
     device = jax.local_devices()[0] if devices is None else list(devices)[0]
     return DataParallel(
-        "none", [device], make_train_step(model, optimizer, loss, metrics, donate=donate),
+        "none", [device], make_train_step(model, optimizer, loss, metrics, donate=donate,
+                                          mix=mix),
         put_state=lambda ts: jax.device_put(ts, device),
         put_rows=lambda tree: jax.device_put(tree, device),
         get_state=lambda ts: jax.tree.map(_copy, ts))
 
 
-def _pmap(model, optimizer, loss, metrics, devices, donate) -> DataParallel:
+def _pmap(model, optimizer, loss, metrics, devices, donate, mix) -> DataParallel:
     ordered = list(data_mesh(jax.local_devices() if devices is None else devices).devices)
     # Over one device every mean is the identity, but XLA keeps the all-reduces (a copy of
     # every gradient): the plain step's body is the same step without them.
     body_axis = DATA_AXIS if len(ordered) > 1 else None
-    step = jax.pmap(train_step_fn(model, optimizer, loss, metrics, axis_name=body_axis),
+    step = jax.pmap(train_step_fn(model, optimizer, loss, metrics, axis_name=body_axis,
+                                  mix=mix),
                     axis_name=DATA_AXIS, devices=ordered,
                     donate_argnums=(0,) if donate else (),
                     # the metrics are averaged over the axis, hence equal on every device:
@@ -191,7 +194,7 @@ def _pmap(model, optimizer, loss, metrics, devices, donate) -> DataParallel:
                         get_state=unreplicate)
 
 
-def _sharded(model, optimizer, loss, metrics, devices, donate) -> DataParallel:
+def _sharded(model, optimizer, loss, metrics, devices, donate, mix) -> DataParallel:
     mesh = data_mesh(devices)
     processes = {d.process_index for d in mesh.devices.flat}
     if len(processes) != jax.process_count():
@@ -200,7 +203,7 @@ def _sharded(model, optimizer, loss, metrics, devices, donate) -> DataParallel:
                          f"processes {sorted(processes)}")
     replicated = NamedSharding(mesh, P())
     rows = NamedSharding(mesh, P(DATA_AXIS))
-    step = jax.jit(train_step_fn(model, optimizer, loss, metrics),
+    step = jax.jit(train_step_fn(model, optimizer, loss, metrics, mix=mix),
                    in_shardings=(replicated, rows, rows), out_shardings=(replicated, replicated),
                    donate_argnums=(0,) if donate else ())
     local = len(rows.addressable_devices)

@@ -17,6 +17,8 @@ from fnn.train.state import TrainState
 
 Loss = Callable[[jax.Array, jax.Array], jax.Array]  # (outputs, targets) -> scalar
 Metric = Callable[[jax.Array, jax.Array], jax.Array]  # (outputs, targets) -> scalar
+Mix = Callable[[jax.Array, jax.Array, jax.Array], tuple[jax.Array, jax.Array]]  # mixup, cutmix
+_MIX_STREAM = 0x6d6978  # fold_in constant: the mix's key, apart from dropout's
 
 
 def metric_values(metrics: Mapping[str, Metric] | None, outputs: Any, targets: Any
@@ -34,7 +36,7 @@ def metric_values(metrics: Mapping[str, Metric] | None, outputs: Any, targets: A
 
 def train_step_fn(model: Layer, optimizer: optax.GradientTransformation, loss: Loss,
                   metrics: Mapping[str, Metric] | None = None, *,
-                  axis_name: str | None = None):
+                  axis_name: str | None = None, mix: Mix | None = None):
     """The un-jitted train step ``(train_state, x, y) -> (train_state, metrics)``: one gradient
     step on the batch, in training mode, with the step's own key ``fold_in(key, step)``.
 
@@ -58,6 +60,12 @@ def train_step_fn(model: Layer, optimizer: optax.GradientTransformation, loss: L
     are). Whether a step is finite is decided after the average, so every replica makes the same
     choice and the replicas stay identical. Each device draws its dropout key as
     ``fold_in(fold_in(key, step), device index)``, so devices drop different units.
+
+    ``mix(key, x, y) -> (x, soft_targets)`` mixes each training batch before the model sees it
+    (``functools.partial(fnn.mixup, num_classes=10, alpha=0.2)``, or ``fnn.cutmix``) with a key
+    of its own drawn from the step's; the loss gets the soft targets (``softmax_cross_entropy``
+    takes them), the metrics the class with the larger share of each mixed example. Under pmap
+    each device mixes its shard.
     """
 
     def objective(params, state, x, y, key, *, frozen):
@@ -81,12 +89,18 @@ def train_step_fn(model: Layer, optimizer: optax.GradientTransformation, loss: L
             fixed = jax.tree.map(lambda _: False, params) if frozen is None else frozen
             params = jax.tree.map(lambda p, f: p if f else _as_varying(p, axis_name), params,
                                   fixed)
+        targets = y
+        if mix is not None:
+            x, targets = mix(jax.random.fold_in(key, _MIX_STREAM), x, y)
+            y = jnp.argmax(targets, axis=-1).astype(y.dtype)  # the larger share's class
         with batch_axis(axis_name):  # BatchNorm: the statistics of the whole global batch
             (value, (outputs, new_state)), grads = jax.value_and_grad(
                 functools.partial(objective, frozen=frozen), has_aux=True)(
-                params, ts.state, x, y, key)
+                params, ts.state, x, targets, key)
         results = {"loss": value} | metric_values(metrics, outputs, y)
-        if axis_name is not None:
+        if axis_name is not None and frozen is None:
+            grads, results = lax.pmean((grads, results), axis_name)
+        elif axis_name is not None:
             grads = _mean_trainable(grads, frozen, axis_name)  # frozen: zeros on every device
             results = lax.pmean(results, axis_name)
             new_state = _mean_floating(new_state, axis_name)
@@ -128,8 +142,6 @@ def _as_varying(a: jax.Array, axis_name: str) -> jax.Array:
 
 def _mean_trainable(grads: Any, frozen: Any, axis_name: str) -> Any:
     """The mean over ``axis_name`` of the gradients of the leaves that are not frozen."""
-    if frozen is None:
-        return lax.pmean(grads, axis_name)
     return jax.tree.map(lambda g, f: g if f else lax.pmean(g, axis_name), grads, frozen)
 
 
@@ -170,11 +182,12 @@ class DonatingStep:
 
 
 def make_train_step(model: Layer, optimizer: optax.GradientTransformation, loss: Loss,
-                    metrics: Mapping[str, Metric] | None = None, *, donate: bool = True):
+                    metrics: Mapping[str, Metric] | None = None, *, donate: bool = True,
+                    mix: Mix | None = None):
     """:func:`train_step_fn`, jitted. With ``donate`` the old train state's buffers are reused
     for the new one: the train state passed in is consumed, and stepping it again raises an
     error that says so (keep the returned state: ``ts, metrics = step(ts, x, y)``)."""
-    step = jax.jit(train_step_fn(model, optimizer, loss, metrics),
+    step = jax.jit(train_step_fn(model, optimizer, loss, metrics, mix=mix),
                    donate_argnums=(0,) if donate else ())
     return DonatingStep(step, "train step") if donate else step
 

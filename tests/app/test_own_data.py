@@ -147,3 +147,32 @@ def test_bad_npz_files(tmp_path, capsys, write, message):
 
     assert re.search(message, captured.err), captured.err
     assert not (tmp_path / "run").exists()
+
+
+def test_mix_in_a_config(tmp_path, capsys):
+    digits = load_digits()
+    np.savez(tmp_path / "train.npz", x=digits.x_train[:300], y=digits.y_train[:300])
+    data = {"name": "arrays", "batch_size": 32, "path": str(tmp_path / "train.npz")}
+    path = _config(tmp_path, data, {"name": "mlp", "hidden_features": [64], "flatten_axes": 3},
+                   mix={"name": "cutmix", "alpha": 1.0}, epochs=6)
+    code, captured = _train(path, capsys)
+    assert code == 0, captured.err
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text()
+            .splitlines()]
+    assert rows[-1]["test_accuracy"] > 0.7 and "train_accuracy" in rows[-1]
+    for mix, loss, message in (
+            ({"name": "mixup"}, "softmax_cross_entropy", r"mix \(mixup\) is missing alpha"),
+            ({"name": "mixup", "alpha": 0}, "softmax_cross_entropy",
+             r"mix \(mixup\): alpha must be a number > 0, got 0"),
+            ({"name": "mixin", "alpha": 1}, "softmax_cross_entropy",
+             r"unknown key 'mixin' in mix.name; did you mean 'mixup'\?"),
+            ({"name": "mixup", "alpha": 1}, "mean_squared_error",
+             r"mix \(mixup\) gives soft labels, which softmax_cross_entropy takes; the loss is "
+             r"mean_squared_error")):
+        path = _config(tmp_path, data, {"name": "mlp", "hidden_features": [4]}, name="bad",
+                       mix=mix, loss={"name": loss})
+        code, captured = _train(path, capsys)
+        assert code == 2 and len(captured.err.splitlines()) == 1, captured.err
+        import re
+
+        assert re.search(message, captured.err), captured.err

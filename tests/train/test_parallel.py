@@ -255,3 +255,26 @@ def test_pmap_helpers_lay_out_replicas_and_rows():
     assert isinstance(rows.sharding, NamedSharding)
     mesh = data_mesh(devices[::-1])
     assert mesh.axis_names == (DATA_AXIS,) and list(mesh.devices) == devices
+
+
+def test_a_mixed_sharded_step_equals_one_device(key):
+    """cutmix over the global batch: the sharded step mixes as the single-device step does."""
+    model = fnn.serial(fnn.Flatten(-3), fnn.Dense(8), fnn.Relu(), fnn.Dense(3))
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((BATCH, 4, 4, 1)).astype(np.float32)
+    y = rng.integers(0, 3, BATCH).astype(np.int32)
+
+    def mix(mix_key, images, labels):
+        return fnn.cutmix(mix_key, images, labels, 3, alpha=1.0)
+
+    results = {}
+    for mode in ("none", "sharded"):
+        runner = data_parallel(model, optax.adam(1e-2), softmax_cross_entropy, mode=mode, mix=mix)
+        pts = runner.put_state(create_train_state(model, optax.adam(1e-2), key, x))
+        for _ in range(3):
+            pts, metrics = runner.step(pts, *runner.put_batch(x, y))
+        results[mode] = (runner.get_state(pts).params, float(metrics["loss"]))
+    sharded, single = results["sharded"][0], results["none"][0]
+    for got, want in zip(jax.tree.leaves(sharded), jax.tree.leaves(single)):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+    assert results["sharded"][1] == pytest.approx(results["none"][1], rel=1e-5)

@@ -12,6 +12,7 @@ from fnn.data import load_digits
 from fnn.losses import softmax_cross_entropy
 from fnn.models import MLP, LeNet
 from fnn.train import create_train_state, make_eval_step, make_train_step
+from fnn.train.step import train_step_fn
 
 
 def test_train_step_lowers_the_loss_and_counts_steps(key):
@@ -96,3 +97,33 @@ def test_stepping_a_consumed_train_state_again_says_what_happened(key):
     again = create_train_state(model, optax.sgd(0.1), key, x)
     kept(again, x, y)
     kept(again, x, y)  # without donation an old state can be stepped again
+
+
+def test_a_mixed_step_is_a_step_on_the_mixed_batch(key):
+    """mix=mixup: the step is a plain step on the batch mixup makes with the step's mix key;
+    the metrics take the class with the larger share."""
+    import functools
+
+    from fnn.train.step import _MIX_STREAM
+
+    model = fnn.serial(fnn.Flatten(-3), fnn.Dense(16), fnn.Relu(), fnn.Dense(4))
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((8, 4, 4, 1)).astype(np.float32)
+    y = rng.integers(0, 4, 8).astype(np.int32)
+    opt = optax.sgd(0.1)
+    mix = functools.partial(fnn.mixup, num_classes=4, alpha=0.4)
+    ts = create_train_state(model, opt, key, x)
+    mixed_step = jax.jit(train_step_fn(model, opt, softmax_cross_entropy, mix=mix))
+    plain_step = jax.jit(train_step_fn(model, opt, softmax_cross_entropy))
+    after, metrics = mixed_step(ts, x, y)
+    mix_key = jax.random.fold_in(jax.random.fold_in(ts.key, ts.step), _MIX_STREAM)
+    mixed_x, soft = mix(mix_key, x, y)
+    assert not np.allclose(mixed_x, x)
+    expected, plain_metrics = plain_step(ts, mixed_x, soft)
+    for got, want in zip(jax.tree.leaves(after.params), jax.tree.leaves(expected.params)):
+        np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(metrics["loss"], plain_metrics["loss"], rtol=1e-6)
+    logits, _ = model.apply(ts.params, ts.state, mixed_x)
+    dominant = np.argmax(np.asarray(soft), -1)
+    assert float(metrics["accuracy"]) == pytest.approx(
+        float(np.mean(np.argmax(np.asarray(logits), -1) == dominant)))

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from fnn.app.config import (HOST_MALLOC, LANGUAGE_DATA, ConfigError, build_loss, build_mix,
                             build_model, build_optimizer, load_config)
-from fnn.app.runs import load_run, run_config, start_weights, task_of
+from fnn.app.runs import inputs_of, load_run, run_config, start_weights, task_of
 from fnn.train.parallel import MODES
 
 # device-count advice for a CPU-only machine
@@ -58,15 +58,28 @@ def _setup(config, args, parallel: bool = True):
     steps = config.epochs * task.steps_per_epoch
     model = build_model(config, **filled)
     optimizer = build_optimizer(config, steps)
-    like = jax.eval_shape(lambda: create_train_state(model, optimizer, jax.random.key(0),
-                                                     task.example))
-    check_outputs(f"model ({config.model['name']})", model, like.params, like.state, task)
+    name = config.model["name"]
+    try:
+        like = jax.eval_shape(lambda: create_train_state(model, optimizer, jax.random.key(0),
+                                                         task.example))
+    except ValueError as e:
+        if "param_groups" not in str(e):
+            raise
+        raise ConfigError(f"optimizer ({config.optimizer['name']}): frozen and groups: "
+                          f"{e}") from None
+    check_outputs(f"model ({name})", model, like.params, like.state, task)
+    try:  # in training too (augmentation, dropout), before the run directory changes
+        jax.eval_shape(lambda p, s, x: model.apply(p, s, x, key=jax.random.key(0), train=True),
+                       like.params, like.state, task.example)
+    except (ValueError, TypeError) as e:
+        where = "augment" if config.augment else f"model ({name})"
+        raise ConfigError(f"{where}: in training on the data's batches: {e}") from None
     devices = _devices(config) if parallel else None
     run_plan = rundir.plan(Path(config.output_dir), config, vocab, like, steps,
                            resume=args.resume, overwrite=args.overwrite)
     start = start_weights(config, model, task.example) if run_plan.resume_step is None \
         else (None, None)
-    return task, vocab, steps, model, optimizer, devices, run_plan, start
+    return task, filled, vocab, steps, model, optimizer, devices, run_plan, start
 
 
 def train(args: argparse.Namespace) -> int:
@@ -94,14 +107,14 @@ def train(args: argparse.Namespace) -> int:
     if malloc == "tuned" and not tune_host_malloc():
         malloc = "default (tuned needs glibc)"
     initialize_from_env()  # a process of `fnn train --processes N` joins the others first
-    task, vocab, steps, model, optimizer, devices, run_plan, start = _setup(config, args)
+    task, filled, vocab, steps, model, optimizer, devices, run_plan, start = _setup(config, args)
     out = Path(config.output_dir)
     writer = _is_first_process()
     _barrier("planned")  # every process has read the run directory before it changes
     for note in run_plan.notes if writer else ():
         print(f"fnn: {note}", file=sys.stderr)
     if writer:  # every check has passed: now the run directory may change
-        rundir.prepare(out, config, vocab, run_plan)
+        rundir.prepare(out, config, vocab, run_plan, inputs=inputs_of(task, filled))
     _barrier("prepared")
     print(f"training {config.model['name']} on {config.data['name']} for {config.epochs} "
           f"epochs ({steps} steps of {config.data['batch_size']}), parallel: "

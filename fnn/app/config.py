@@ -6,7 +6,7 @@ A config has these sections (see ``configs/digits_cnn.yaml``)::
     data:      {name: digits, batch_size: 64}    # or text, arrays, csv, images, ...: below
     optimizer: {name: adamw, learning_rate: 0.002, ...keyword arguments of the optax optimizer,
                 frozen: [trunk/**], groups: [{params: [head/**], learning_rate: 0.01}],
-                weight_decay_mask: matrices}   # the last three optional: see below
+                weight_decay_mask: weights}   # the last three optional: see below
     schedule:  {name: cosine, warmup_steps: 0}       # constant | cosine
     loss:      {name: softmax_cross_entropy, ...keyword arguments of the loss}
     epochs: 30
@@ -26,8 +26,8 @@ Parameter groups (:mod:`fnn.train.groups`; patterns are paths like ``trunk/**`` 
 ``optimizer.frozen`` lists the parameters that are not trained (no update, no optimizer state);
 ``optimizer.groups`` gives parameters other optimizer arguments (each group: ``params``, its
 patterns, and any argument of the optimizer: ``learning_rate``, ``weight_decay``, ...). For an
-optimizer with weight decay and a ``mask`` (adamw, lamb, lion) ``weight_decay_mask: matrices``
-(the default) decays only weight matrices and kernels, not biases and norm parameters
+optimizer with weight decay and a ``mask`` (adamw, lamb, lion) ``weight_decay_mask: weights``
+(the default) decays only the weights, not biases and norm parameters
 (:func:`fnn.train.decay_mask`); ``all`` decays every parameter. ``init.from`` starts a fresh
 run from the params and state of another run's newest intact checkpoint, those at the paths
 ``init.take`` matches (default: all of them), the rest initialised as usual.
@@ -123,7 +123,7 @@ _OPTIONAL = {"parallel": {"mode": "none", "devices": None}, "precision": "float3
              "host_malloc": "default", "init": None, "augment": None, "mix": None}
 # keys of the optimizer section that are fnn's, not the optax optimizer's
 GROUP_KEYS = ("frozen", "groups", "weight_decay_mask")
-DECAY_MASKS = ("matrices", "all")
+DECAY_MASKS = ("weights", "all")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -307,7 +307,8 @@ def _check_data(name: str, kwargs: Mapping[str, Any]) -> None:
                 isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in size))):
         raise ConfigError(f"data ({name}): size must be a positive int or [height, width], got "
                           f"{size!r}")
-    if kwargs.get("channels", 3) not in (1, 3):
+    channels = kwargs.get("channels", 3)
+    if isinstance(channels, bool) or not isinstance(channels, int) or channels not in (1, 3):
         raise ConfigError(f"data ({name}): channels must be 1 (grayscale) or 3 (RGB), got "
                           f"{kwargs['channels']!r}")
 
@@ -322,7 +323,7 @@ def _patterns(where: str, value: Any) -> list[str]:
     return listed
 
 
-def _check_optimizer(raw: Mapping[str, Any]) -> None:
+def _check_optimizer(raw: dict[str, Any]) -> None:
     name, kwargs = _named_section(raw, "optimizer", OPTIMIZERS)
     where, fn = f"optimizer ({name})", OPTIMIZERS[name]
     plain = {k: v for k, v in kwargs.items() if k not in GROUP_KEYS}
@@ -333,6 +334,9 @@ def _check_optimizer(raw: Mapping[str, Any]) -> None:
     check_value(where, "learning_rate", plain["learning_rate"], "number")
     if "frozen" in kwargs:
         _patterns(f"{where}: frozen", kwargs["frozen"])
+    if "mask" in inspect.signature(fn).parameters:  # written out: config.yaml says which
+        raw["optimizer"] = dict(raw["optimizer"]) | {
+            "weight_decay_mask": kwargs.get("weight_decay_mask", "weights")}
     if "weight_decay_mask" in kwargs:
         if "mask" not in inspect.signature(fn).parameters:
             raise ConfigError(f"{where}: weight_decay_mask is for optimizers with weight decay "
@@ -502,7 +506,7 @@ def build_optimizer(config: Config, total_steps: int) -> optax.GradientTransform
     fn = OPTIMIZERS[section["name"]]
     base = {k: v for k, v in section.items() if k not in ("name", "learning_rate", *GROUP_KEYS)}
     if "mask" in inspect.signature(fn).parameters and section.get(
-            "weight_decay_mask", "matrices") == "matrices":
+            "weight_decay_mask", "weights") == "weights":
         base["mask"] = decay_mask
 
     def make(arguments: Mapping[str, Any]) -> optax.GradientTransformation:

@@ -1,7 +1,9 @@
 """A run directory (a config's ``output_dir``) and the rules that keep a run from being lost.
 
 ``fnn train`` writes ``config.yaml`` (the config as run), ``metrics.jsonl`` (one JSON line per
-evaluation), ``plot.png``, ``checkpoints/step_*`` and, for language models, ``vocab.json``.
+evaluation), ``plot.png``, ``checkpoints/step_*``, ``inputs.json`` (the shape and dtype of one
+input and the model arguments the data filled in: the run's model is rebuilt from them without
+its data) and, for data with a vocabulary, ``vocab.json``.
 
 - A fresh run into a directory that holds a run is refused unless ``--overwrite`` is given
   (``--resume`` continues it instead).
@@ -24,7 +26,7 @@ from fnn.app.values import ConfigError, load_yaml
 from fnn.train.checkpoint import (CheckpointError, latest_step, restore_latest_intact,
                                   set_aside)
 
-RUN_FILES = ("config.yaml", "metrics.jsonl", "plot.png", "vocab.json")
+RUN_FILES = ("config.yaml", "metrics.jsonl", "plot.png", "vocab.json", "inputs.json")
 CHECKPOINTS = "checkpoints"
 # what may change when a run is resumed: how long, where and how it runs, not what it trains
 RESUMABLE = frozenset({"epochs", "output_dir", "parallel", "checkpoint", "max_bad_steps",
@@ -102,6 +104,7 @@ def _check_same_config(out: Path, config: Any) -> None:
         raise ConfigError(f"cannot resume the run in {out}: its config.yaml does not read: "
                           f"{' '.join(str(e).split())}") from None
     current = dataclasses.asdict(config)
+    previous = _as_written_today(previous or {}, current)
     differ = sorted(key for key in set(current) | set(previous or {})
                     if key not in RESUMABLE and current.get(key) != (previous or {}).get(key))
     if differ:
@@ -109,6 +112,20 @@ def _check_same_config(out: Path, config: Any) -> None:
                            f"{current.get(key)!r}" for key in differ)
         raise ConfigError(f"cannot resume the run in {out} with another config ({detail}); "
                           f"only {', '.join(sorted(RESUMABLE))} may change")
+
+
+def _as_written_today(previous: dict, current: dict) -> dict:
+    """A run's config as this version writes it: the keys added since with the value that
+    means what the run did (a run of 0.1 decayed every parameter: ``weight_decay_mask: all``;
+    it had no ``init``, ``augment`` or ``mix``)."""
+    if not isinstance(previous, dict):
+        return {}
+    previous = {key: None for key in ("init", "augment", "mix")} | previous
+    optimizer = previous.get("optimizer")
+    if (isinstance(optimizer, dict) and "weight_decay_mask" not in optimizer
+            and "weight_decay_mask" in current.get("optimizer", {})):
+        previous["optimizer"] = optimizer | {"weight_decay_mask": "all"}
+    return previous
 
 
 def _check_same_vocab(out: Path, vocab: Any) -> None:
@@ -129,7 +146,8 @@ def _check_same_vocab(out: Path, vocab: Any) -> None:
                           f"characters; resume with the data the run was trained on")
 
 
-def prepare(out: Path, config: Any, vocab: Any, run_plan: Plan) -> None:
+def prepare(out: Path, config: Any, vocab: Any, run_plan: Plan,
+            inputs: dict[str, Any] | None = None) -> None:
     """The writes of a planned command: the corrupt checkpoints set aside, an overwritten run's
     files removed, ``config.yaml`` and ``vocab.json`` written, ``metrics.jsonl`` started (or
     kept up to the resumed step)."""
@@ -147,6 +165,8 @@ def prepare(out: Path, config: Any, vocab: Any, run_plan: Plan) -> None:
     (out / "config.yaml").write_text(yaml.safe_dump(dataclasses.asdict(config), sort_keys=False))
     if vocab is not None:
         (out / "vocab.json").write_text(json.dumps({"chars": vocab.chars}))
+    if inputs is not None:
+        (out / "inputs.json").write_text(json.dumps(inputs))
     metrics = out / "metrics.jsonl"
     if run_plan.resume_step is None:
         metrics.write_text("")

@@ -11,6 +11,7 @@ its model, data and optimizer), and the library never imports the application.
 
 from __future__ import annotations
 
+import json
 import warnings
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -84,7 +85,7 @@ class Run(NamedTuple):
     params: Any
     state: Any
     config: Config
-    vocab: Any  # fnn.data.Vocab of a language model's run, else None
+    vocab: Any  # fnn.data.Vocab of a run whose data has one (text, text_classes), else None
     step: int  # the checkpoint's step
     history: list[dict[str, Any]]  # the metrics rows up to that step
 
@@ -101,16 +102,19 @@ def load_run(run_dir: str | Path, *, step: int | None = None) -> Run:
 
     run = Path(run_dir)
     config = run_config(run)
-    vocab = None
+    vocab = Vocab(read_vocab(run / "vocab.json")) if (run / "vocab.json").exists() else None
     filled: dict[str, Any] = {}
-    if config.data["name"] in LANGUAGE_DATA:
+    if (run / "inputs.json").exists():  # the model without the data
+        example, filled = _read_inputs(run / "inputs.json")
+    elif config.data["name"] in LANGUAGE_DATA:
         if not (run / "vocab.json").exists():
             raise ConfigError(f"{run}: no vocab.json: the run did not finish writing its files")
         vocab = Vocab(read_vocab(run / "vocab.json"))
         filled = {"vocab_size": vocab.size}
         example = np.zeros((1, config.data["seq_len"]), np.int32)
-    else:  # the data gives the input's shape and the number of classes
-        task, filled, vocab = task_of(config)
+    else:  # a run without inputs.json: the data gives the input's shape and the classes
+        task, filled, data_vocab = task_of(config)
+        vocab = vocab or data_vocab
         example = task.example[:1]
     model = build_model(config, **filled)
     like_params, like_state = jax.eval_shape(model.init, jax.random.key(0), as_spec(example))
@@ -130,6 +134,29 @@ def load_run(run_dir: str | Path, *, step: int | None = None) -> Run:
     return Run(model, params, state, config, vocab, int(step), list(meta.get("history", [])))
 
 
+def inputs_of(task: Any, filled: dict[str, Any]) -> dict[str, Any]:
+    """What ``inputs.json`` holds: one input's shape and dtype and the model arguments the data
+    filled in (``vocab_size``, the number of classes)."""
+    import numpy as np
+
+    example = np.asarray(task.example[:1])
+    return {"shape": list(example.shape), "dtype": example.dtype.name, "filled": filled}
+
+
+def _read_inputs(path: Path) -> tuple[Any, dict[str, Any]]:
+    import jax
+    import numpy as np
+
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+        spec = jax.ShapeDtypeStruct(tuple(int(n) for n in raw["shape"]), np.dtype(raw["dtype"]))
+        filled = dict(raw["filled"])
+    except (ValueError, KeyError, TypeError) as e:
+        raise ConfigError(f"{path} is not an inputs file of fnn's: "
+                          f"{' '.join(str(e).split())}") from None
+    return spec, filled
+
+
 def start_weights(config: Config, model: Any, example: Any) -> tuple[Any, Any]:
     """The params and state a fresh run of ``config`` starts from: ``(None, None)`` (the
     model's init) without ``init``; with it, the params and state of the run ``init.from`` at
@@ -142,7 +169,10 @@ def start_weights(config: Config, model: Any, example: Any) -> tuple[Any, Any]:
     from fnn.core import as_spec
     from fnn.train.groups import take
 
-    source = load_run(config.init["from"])
+    try:
+        source = load_run(config.init["from"])
+    except (ConfigError, OSError) as e:
+        raise ConfigError(f"init.from: {e}") from None
     init_key, _ = jax.random.split(jax.random.key(config.seed))
     params, state = jax.jit(model.init)(init_key, as_spec(example))
     try:

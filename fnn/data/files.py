@@ -37,6 +37,7 @@ import io
 import json
 import os
 import tempfile
+import warnings
 import zipfile
 from typing import Callable, Sequence
 
@@ -288,7 +289,7 @@ def load_text_folder(path: PathLike, *, seq_len: int, test_path: PathLike | None
     def read(folder):
         classes, files, y = _list_folder("load_text_folder", folder, TEXT_SUFFIXES, "text")
         texts = np.empty(len(files), object)
-        texts[:] = [read_text_file(os.path.join(folder, f)) for f, _, _ in files]
+        texts[:] = [read_text_file(os.path.join(folder, f)) for f, *_ in files]
         return classes, texts, y
 
     split, classes = _load_folder("load_text_folder", read, path, test_path, test_fraction)
@@ -336,8 +337,9 @@ def _load_folder(fn: str, read: Callable, path: PathLike, test_path: PathLike | 
 
 
 def _list_folder(fn: str, folder: PathLike, suffixes: tuple[str, ...],
-                 kind: str) -> tuple[list[str], list[tuple[str, int, int]], np.ndarray]:
-    """The class names, ``(relative path, bytes, mtime_ns)`` of every example file, and the
+                 kind: str) -> tuple[list[str], list[tuple], np.ndarray]:
+    """The class names, ``(relative path, bytes, mtime_ns, ctime_ns, inode)`` of every example
+    file (what the image cache is keyed by), and the
     labels ``int32[N]``; the examples of class 0 first, each class in sorted file order."""
     folder = os.fspath(folder)
     if not os.path.exists(folder):
@@ -360,7 +362,9 @@ def _list_folder(fn: str, folder: PathLike, suffixes: tuple[str, ...],
                              f"{kind} files ({', '.join(suffixes)})")
         for e in entries:
             stat = e.stat()
-            files.append((os.path.join(name, e.name), stat.st_size, stat.st_mtime_ns))
+            # ctime and inode too: a copy that keeps the mtime (cp -p, rsync -a) changes them
+            files.append((os.path.join(name, e.name), stat.st_size, stat.st_mtime_ns,
+                          stat.st_ctime_ns, stat.st_ino))
             labels.append(label)
     return classes, files, np.asarray(labels, np.int32)
 
@@ -377,7 +381,7 @@ def _image_size(size: int | tuple[int, int]) -> tuple[int, int]:
     return int(hw[0]), int(hw[1])
 
 
-def _cached_pixels(folder: PathLike, files: list[tuple[str, int, int]], height: int, width: int,
+def _cached_pixels(folder: PathLike, files: list[tuple], height: int, width: int,
                    channels: int, cache_dir: str) -> np.ndarray:
     """``uint8[N, height, width, channels]``, from the cache when its key matches."""
     folder = os.path.abspath(os.fspath(folder))
@@ -391,8 +395,17 @@ def _cached_pixels(folder: PathLike, files: list[tuple[str, int, int]], height: 
             return pixels
     except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
         pass  # no entry yet, or an unusable one: decode again and replace it
-    pixels = np.stack([_decode_image(os.path.join(folder, f), height, width, channels)
-                       for f, _, _ in files])
+    pixels = np.stack([_decode_image(os.path.join(folder, f[0]), height, width, channels)
+                       for f in files])
+    try:
+        _write_cache(cache_dir, cache, pixels)
+    except OSError as e:  # the cache only saves time: go on without it
+        warnings.warn(f"load_image_folder: the decoded images are not cached in {cache_dir!r} "
+                      f"({e}); they will be decoded again next time", stacklevel=3)
+    return pixels
+
+
+def _write_cache(cache_dir: str, cache: str, pixels: np.ndarray) -> None:
     os.makedirs(cache_dir, exist_ok=True)
     # a reader in another process sees the old entry or the whole new one, never half of it
     fd, tmp = tempfile.mkstemp(dir=cache_dir, suffix=".tmp")
@@ -403,7 +416,6 @@ def _cached_pixels(folder: PathLike, files: list[tuple[str, int, int]], height: 
     except BaseException:
         os.unlink(tmp)
         raise
-    return pixels
 
 
 def _decode_image(file: str, height: int, width: int, channels: int) -> np.ndarray:

@@ -19,10 +19,13 @@ A pattern that matches no leaf is an error (a typo would otherwise freeze nothin
 
 Frozen leaves get no optimizer state and no update: their values stay bit-identical, and
 fnn's train step (which reads :attr:`ParamGroups.frozen`) does not even compute their
-gradients. The returned optimizer is an ordinary optax ``GradientTransformation`` and works in
-any training loop; inside another transformation (``optax.chain(clip, groups)``) the train step
-no longer sees which leaves are frozen and computes their gradients, but the values still stay
-as they are.
+gradients and keeps the model state at frozen paths as it is (a frozen BatchNorm's running
+statistics; in training it still normalises with the batch's statistics, as in PyTorch's
+``train()`` mode). The returned optimizer is an ordinary optax ``GradientTransformation``
+and works in any training loop; inside another transformation (``optax.chain(clip, groups)``)
+the train step no longer sees which leaves are frozen and computes their gradients, but the
+values still stay as they are as long as nothing after the groups changes the updates
+(``optax.chain(groups, optax.add_decayed_weights(...))`` would decay frozen leaves too).
 """
 
 from __future__ import annotations
@@ -131,12 +134,19 @@ def _spec(leaf: Any) -> str:
     return f"{jnp.result_type(leaf)}[{', '.join(map(str, jnp.shape(leaf)))}]"
 
 
+NO_DECAY = ("b", "scale")  # fnn's names of biases and of norm scales (offsets are "b" too)
+
+
 def decay_mask(params: Any) -> Any:
-    """Where weight decay applies by the usual practice: the weight matrices and kernels (leaves
-    of two or more axes: Dense and attention weights, conv kernels, embedding tables), not the
-    biases, norm scales and offsets, or other vectors and scalars. Give it as the ``mask`` of
-    ``optax.adamw`` (it is what ``fnn train`` configs use unless ``weight_decay_mask: all``)."""
-    return jax.tree.map(lambda p: jnp.ndim(p) >= 2, params)
+    """Where weight decay applies by the usual practice: every weight (Dense and attention
+    weights, conv kernels, recurrent ``w_i``/``w_h``, embedding and position tables), not the
+    biases and norm parameters: leaves named ``b`` or ``scale`` (:data:`NO_DECAY`), whatever
+    their shape (an attention bias ``[heads, head_dim]``, a ``repeat``-stacked one
+    ``[layers, features]``). Give it as the ``mask`` of ``optax.adamw`` (it is what ``fnn
+    train`` configs use unless ``weight_decay_mask: all``)."""
+    leaves, treedef = jax.tree_util.tree_flatten_with_path(params)
+    return jax.tree.unflatten(treedef, [leaf_path(p).rsplit("/", 1)[-1] not in NO_DECAY
+                                        for p, _ in leaves])
 
 
 def _frozen() -> optax.GradientTransformation:
@@ -227,3 +237,11 @@ def frozen_mask(optimizer: Any, params: Any) -> Any:
     """The frozen leaves of ``params`` under ``optimizer`` (a bool tree), or None when the
     optimizer freezes nothing that the train step can see."""
     return optimizer.frozen_mask(params) if isinstance(optimizer, ParamGroups) else None
+
+
+def frozen_state_mask(optimizer: Any, state: Any) -> Any:
+    """The leaves of the model ``state`` at frozen paths (a BatchNorm's running statistics in
+    a frozen trunk), or None: the train step keeps them as they are."""
+    if not isinstance(optimizer, ParamGroups) or not optimizer.frozen:
+        return None
+    return select(state, optimizer.frozen, strict=False)

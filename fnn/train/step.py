@@ -12,7 +12,7 @@ from jax import lax
 
 from fnn.core import Layer, array_of, batch_axis
 from fnn.losses import accuracy
-from fnn.train.groups import frozen_mask
+from fnn.train.groups import frozen_mask, frozen_state_mask
 from fnn.train.state import TrainState
 
 Loss = Callable[[jax.Array, jax.Array], jax.Array]  # (outputs, targets) -> scalar
@@ -98,6 +98,10 @@ def train_step_fn(model: Layer, optimizer: optax.GradientTransformation, loss: L
                 functools.partial(objective, frozen=frozen), has_aux=True)(
                 params, ts.state, x, targets, key)
         results = {"loss": value} | metric_values(metrics, outputs, y)
+        kept = frozen_state_mask(optimizer, ts.state)
+        if kept is not None:  # a frozen layer's state (running statistics) stays as it was
+            new_state = jax.tree.map(lambda old, new, k: old if k else new, ts.state, new_state,
+                                     kept)
         if axis_name is not None and frozen is None:
             grads, results = lax.pmean((grads, results), axis_name)
         elif axis_name is not None:

@@ -81,7 +81,7 @@ def test_cli_trains_a_language_model_on_a_text_file_and_generates(tmp_path):
     assert f"final valid bits per character: {rows[-1]['valid_bits_per_char']:.4f}" in \
         result.stdout
     assert sorted(p.name for p in (tmp_path / "run").iterdir()) == [
-        "checkpoints", "config.yaml", "metrics.jsonl", "plot.png", "vocab.json"]
+        "checkpoints", "config.yaml", "inputs.json", "metrics.jsonl", "plot.png", "vocab.json"]
 
     sample = _fnn("generate", tmp_path / "run", "--prompt", "The ", "--length", 40,
                   "--temperature", 0)
@@ -196,7 +196,8 @@ def test_a_fresh_run_into_a_run_directory_is_refused_and_overwrite_starts_again(
     code, _, err = _main(["train", str(config), "--no-progress"])
     assert code == 2 and len(err.splitlines()) == 1
     assert err == (f"fnn: error: output_dir {run} already holds a run (config.yaml, "
-                   f"metrics.jsonl, plot.png, checkpoints/): pass --resume to continue it or "
+                   f"metrics.jsonl, plot.png, inputs.json, checkpoints/): pass --resume to "
+                   f"continue it or "
                    f"--overwrite to start it again\n")
     assert _snapshot(run) == before  # nothing was changed
     code, _, err = _main(["train", str(_tiny(tmp_path, epochs=2)), "--no-progress",

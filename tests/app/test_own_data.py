@@ -3,6 +3,7 @@ JPEG images per class and a folder of .txt files per class; the model's classes 
 data, bad files are one-line errors that write nothing."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -11,6 +12,8 @@ import yaml
 from fnn.app import load_run
 from fnn.app.cli import main
 from fnn.data import load_digits
+
+ROOT = Path(__file__).parents[2]
 
 
 def _config(tmp_path, data, model, name="run", **more):
@@ -47,6 +50,11 @@ def test_npz_arrays_with_a_test_file(tmp_path, capsys):
     run = load_run(tmp_path / "run")
     assert run.params["head"]["w"].shape == (64, 10)  # out_features from the data's 10 classes
     assert _accuracy(tmp_path / "run") > 0.8
+    # the run is rebuilt from its own files (inputs.json), without its data
+    (tmp_path / "train.npz").unlink()
+    again = load_run(tmp_path / "run")
+    assert np.asarray(again.params["head"]["w"]).tobytes() == \
+        np.asarray(run.params["head"]["w"]).tobytes()
 
 
 def test_csv_rows_with_a_fixed_split(tmp_path, capsys):
@@ -128,6 +136,9 @@ def test_a_folder_of_texts_per_class(tmp_path, capsys):
     assert code == 0, captured.err
     run = load_run(tmp_path / "run")
     assert run.vocab is not None and set("applehammer") <= set(run.vocab.chars)
+    # the run's vocabulary, not one rebuilt from texts changed since
+    (tmp_path / "texts" / "fruit" / "0.txt").write_text("zzz qqq", encoding="utf-8")
+    assert load_run(tmp_path / "run").vocab == run.vocab
     assert _accuracy(tmp_path / "run") > 0.9
 
 
@@ -176,3 +187,40 @@ def test_mix_in_a_config(tmp_path, capsys):
         import re
 
         assert re.search(message, captured.err), captured.err
+
+
+def test_augmentation_of_data_that_are_not_images_is_refused_before_any_write(tmp_path, capsys):
+    np.savez(tmp_path / "rows.npz", x=np.zeros((40, 6), np.float32), y=np.arange(40) % 2)
+    data = {"name": "arrays", "batch_size": 8, "path": str(tmp_path / "rows.npz")}
+    path = _config(tmp_path, data, {"name": "mlp", "hidden_features": [4]}, epochs=1)
+    assert _train(path, capsys)[0] == 0
+    before = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "run").rglob("*")}
+    path = _config(tmp_path, data, {"name": "mlp", "hidden_features": [4]},
+                   augment=[{"name": "random_crop", "padding": 1}])
+    code = main(["train", str(path), "--overwrite"])
+    err = capsys.readouterr().err
+    assert code == 2 and len(err.splitlines()) == 1
+    assert err.startswith("fnn: error: ") and "augment: in training on the data's batches: " \
+        "RandomCrop" in err and "expected input [..., height, width, channels]" in err
+    assert {p.name: p.stat().st_mtime_ns for p in (tmp_path / "run").rglob("*")} == before
+
+
+def test_config_augmentation_is_applied_in_training_only(key):
+    import jax
+
+    from fnn.app.config import build_model, parse_config
+
+    raw = yaml.safe_load((ROOT / "configs" / "digits_cnn.yaml").read_text())
+    raw["model"]["dropout"] = 0.0  # training differs from evaluation by the noise alone
+    raw["augment"] = [{"name": "gaussian_noise", "stddev": 1.0}]
+    model = build_model(parse_config(raw))
+    plain = build_model(parse_config(raw | {"augment": None}))
+    x = load_digits().x_test[:4]
+    params, state = plain.init(key, x)
+    assert jax.tree.structure(model.init(key, x)) == jax.tree.structure((params, state))
+    evaluation, _ = model.apply(params, state, x)
+    np.testing.assert_array_equal(evaluation, plain.apply(params, state, x)[0])
+    noisy, _ = model.apply(params, state, x, key=key, train=True)
+    np.testing.assert_allclose(plain.apply(params, state, x, key=key, train=True)[0], evaluation,
+                               rtol=1e-5, atol=1e-6)
+    assert not np.allclose(noisy, evaluation, atol=1e-3)

@@ -3,6 +3,7 @@ says, a resume checks the config, the vocabulary and a restorable checkpoint fir
 
 import dataclasses
 import json
+from pathlib import Path
 from types import SimpleNamespace
 
 import jax
@@ -13,6 +14,8 @@ import yaml
 from fnn.app import rundir
 from fnn.app.values import ConfigError
 from fnn.train.checkpoint import list_steps, save_checkpoint
+
+ROOT = Path(__file__).parents[2]
 
 
 @dataclasses.dataclass
@@ -185,3 +188,25 @@ def test_read_vocab(tmp_path):
     with pytest.raises(ConfigError, match=r"vocab.json is not a vocabulary of fnn's \(expected "
                                           r"\{\"chars\": \.\.\.\}\)"):
         rundir.read_vocab(path)
+
+
+def test_a_run_of_0_1_resumes_with_the_weight_decay_it_had(tmp_path):
+    """Its config.yaml has no weight_decay_mask: adamw decayed every parameter then."""
+    from fnn.app.config import parse_config
+
+    raw = yaml.safe_load((ROOT / "configs" / "digits_mlp.yaml").read_text())
+    raw["output_dir"] = str(tmp_path / "run")
+    config = parse_config(raw)
+    assert config.optimizer["weight_decay_mask"] == "weights"  # written out from now on
+    written = dataclasses.asdict(config)
+    written["optimizer"] = {k: v for k, v in written["optimizer"].items()
+                            if k != "weight_decay_mask"}
+    for key in ("init", "augment", "mix"):
+        del written[key]
+    out = _run(tmp_path, config=None)
+    (out / "config.yaml").write_text(yaml.safe_dump(written))
+    with pytest.raises(ConfigError, match=r"optimizer: the run's .*'weight_decay_mask': 'all'"):
+        rundir.plan(out, config, None, LIKE, 10, resume=True, overwrite=False)
+    raw["optimizer"]["weight_decay_mask"] = "all"
+    assert rundir.plan(out, parse_config(raw), None, LIKE, 10, resume=True,
+                       overwrite=False).resume_step == 2

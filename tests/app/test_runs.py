@@ -103,12 +103,20 @@ def test_init_errors_are_one_line_and_write_nothing(tmp_path, pretrained, capsys
     path, _ = _config(tmp_path, "c", init={"from": str(tmp_path / "nowhere")})
     assert main(["train", str(path)]) == 2
     err = capsys.readouterr().err
-    assert err.startswith("fnn: error: not an fnn run directory: ") and len(err.splitlines()) == 1
+    assert err.startswith("fnn: error: init.from: not an fnn run directory: ")
+    assert len(err.splitlines()) == 1
     assert not (tmp_path / "c").exists()
     path, _ = _config(tmp_path, "d", init={"from": str(pretrained), "take": ["neck/**"]})
     assert main(["train", str(path)]) == 2
     err = capsys.readouterr().err
     assert "init: from the run in" in err and "the pattern 'neck/**' matches no parameter" in err
+    path, _ = _config(tmp_path, "f", optimizer={"name": "adam", "learning_rate": 0.01,
+                                                "frozen": ["dense/**"]})
+    assert main(["train", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("fnn: error: ") and "optimizer (adam): frozen and groups: " in err
+    assert "the pattern 'dense/**' matches no parameter; the parameters are dense1/b" in err
+    assert not (tmp_path / "f").exists()
     assert not (tmp_path / "d").exists()
     path, _ = _config(tmp_path, "e", init={"from": str(pretrained)},
                       model={"name": "mlp", "hidden_features": [16, 32], "out_features": 10,
@@ -139,7 +147,7 @@ def test_init_errors_are_one_line_and_write_nothing(tmp_path, pretrained, capsys
      r"optimizer \(sgd\): weight_decay_mask is for optimizers with weight decay and a mask "
      r"\(adamw, lamb, lion\), not sgd"),
     ({"optimizer": {"name": "adamw", "learning_rate": 0.1, "weight_decay_mask": "biases"}},
-     r"weight_decay_mask must be one of matrices, all, got 'biases'"),
+     r"weight_decay_mask must be one of weights, all, got 'biases'"),
     ({"optimizer": {"name": "adamw", "learning_rate": 0.1, "mask": "x"}},
      r"unknown key 'mask' in optimizer \(adamw\)"),
 ])
@@ -150,12 +158,12 @@ def test_config_errors_of_groups_and_init(tmp_path, change, message):
 
 
 def test_weight_decay_skips_biases_by_default(tmp_path):
-    """adamw with weight decay and a zero gradient: only the matrices shrink."""
+    """adamw with weight decay and a zero gradient: only the weights shrink."""
     import jax.numpy as jnp
 
     params = {"dense": {"w": jnp.ones((2, 2)), "b": jnp.ones(2)}}
     zeros = jax.tree.map(jnp.zeros_like, params)
-    for mask, decayed in (("matrices", ["w"]), ("all", ["b", "w"])):
+    for mask, decayed in (("weights", ["w"]), ("all", ["b", "w"])):
         _, raw = _config(tmp_path, "x", optimizer={"name": "adamw", "learning_rate": 0.1,
                                                    "weight_decay": 0.5,
                                                    "weight_decay_mask": mask},

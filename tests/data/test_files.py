@@ -547,3 +547,41 @@ def test_text_folder_errors(tmp_path):
     with one_line_error(ValueError, r"the test folder '.*other' must have the classes of "
                                     r"'.*texts', \['a', 'b'\], got \['a', 'c'\]"):
         load_text_folder(root, seq_len=4, test_path=other)
+
+
+def test_a_replaced_image_with_its_old_mtime_is_decoded_again(tmp_path):
+    from PIL import Image
+
+    for name, colour in (("a", (255, 0, 0)), ("b", (0, 0, 255))):
+        (tmp_path / "img" / name).mkdir(parents=True)
+        for i in range(2):
+            # uncompressed: every image of the same size has the same number of bytes
+            Image.new("RGB", (4, 4), colour).save(tmp_path / "img" / name / f"{i}.png",
+                                                  compress_level=0)
+    first, _ = load_image_folder(tmp_path / "img", 4, test_fraction=0.5,
+                                 cache_dir=tmp_path / "cache")
+    target = tmp_path / "img" / "a" / "0.png"
+    stat = target.stat()
+    replacement = tmp_path / "other.png"
+    Image.new("RGB", (4, 4), (0, 255, 0)).save(replacement, compress_level=0)
+    assert replacement.stat().st_size == stat.st_size  # same size and mtime: as cp -p leaves
+    os.replace(replacement, target)
+    os.utime(target, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    again, _ = load_image_folder(tmp_path / "img", 4, test_fraction=0.5,
+                                 cache_dir=tmp_path / "cache")
+    assert not np.array_equal(np.concatenate([first.x_train, first.x_test]),
+                              np.concatenate([again.x_train, again.x_test]))
+
+
+def test_an_unwritable_cache_is_skipped_with_a_warning(tmp_path):
+    from PIL import Image
+
+    for name in ("a", "b"):
+        (tmp_path / "img" / name).mkdir(parents=True)
+        for i in range(2):
+            Image.new("L", (3, 3), 40 * i).save(tmp_path / "img" / name / f"{i}.png")
+    (tmp_path / "file").write_text("")
+    with pytest.warns(UserWarning, match="load_image_folder: the decoded images are not cached"):
+        split, classes = load_image_folder(tmp_path / "img", 3, channels=1, test_fraction=0.5,
+                                           cache_dir=tmp_path / "file" / "cache")
+    assert classes == ["a", "b"] and split.x_train.shape == (2, 3, 3, 1)

@@ -48,10 +48,21 @@ def test_paths_and_select():
             select(PARAMS, [bad])
 
 
-def test_decay_mask_is_matrices_and_kernels():
+def test_decay_mask_leaves_out_biases_and_norm_parameters(key):
     mask = decay_mask(PARAMS)
     assert [p for p, hit in zip(leaf_paths(PARAMS), jax.tree.leaves(mask)) if hit] == [
         "blocks/0/w", "blocks/1/w", "head/w", "trunk/conv/w"]
+    # a real model: attention biases [heads, head_dim] and repeat-stacked norms [layers, F]
+    model = fnn.models.TransformerClassifier(20, 3, features=8, num_heads=2, num_layers=2,
+                                             hidden_features=16, max_length=8)
+    params, _ = model.init(key, jnp.zeros((1, 8), jnp.int32))
+    decayed = {p for p, hit in zip(leaf_paths(params), jax.tree.leaves(decay_mask(params)))
+               if hit}
+    for path in leaf_paths(params):
+        name = path.rsplit("/", 1)[-1]
+        assert (path in decayed) == (name not in ("b", "scale")), path
+    assert any(p.endswith("query/w") for p in decayed)
+    assert not any(p.endswith("query/b") or p.endswith("norm1/scale") for p in decayed)
 
 
 def test_labels_and_overlaps():
@@ -113,6 +124,8 @@ def test_frozen_params_stay_bit_identical_in_the_train_step(key):
     params["trunk"]["4"]["b"] = params["trunk"]["4"]["b"].at[0].set(-0.0)
     ts = create_train_state(model, opt, key, x, params=params)
     before = jax.tree.map(np.asarray, ts.params)
+    state_before = jax.tree.map(np.asarray, ts.state)
+    assert jax.tree.leaves(state_before)  # the trunk's BatchNorm has running statistics
     step = make_train_step(model, opt, softmax_cross_entropy)
     for i in range(5):
         ts, metrics = step(ts, *_data(i))
@@ -123,6 +136,9 @@ def test_frozen_params_stay_bit_identical_in_the_train_step(key):
             assert np.asarray(new).tobytes() == old.tobytes(), path
         else:
             assert not np.array_equal(new, old), path  # the head trains
+    # the frozen trunk's BatchNorm statistics stay as they were too
+    for old, new in zip(jax.tree.leaves(state_before), jax.tree.leaves(ts.state)):
+        assert np.asarray(new).tobytes() == old.tobytes()
     # no optimizer state for the frozen leaves: adam's moments hold the head only
     moments = ts.opt_state.inner_states["default"].inner_state[0].mu
     assert [np.shape(m) for m in jax.tree.leaves(moments)] == [(3,), (16, 3)]
@@ -165,10 +181,12 @@ def test_frozen_training_equals_training_the_head_alone(key):
     np.testing.assert_allclose(ts.params["head"]["b"], head["b"], rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("inner", ["sgd", "adam"])  # sgd: a gradient off by N would show
 @pytest.mark.parametrize("mode", ["pmap", "sharded"])
-def test_frozen_under_data_parallel_equals_one_device(mode, key):
+def test_frozen_under_data_parallel_equals_one_device(mode, inner, key):
     model = fnn.serial(trunk=fnn.serial(fnn.Dense(8), fnn.Relu()), head=fnn.Dense(3))
-    opt = param_groups(optax.adam(1e-2), frozen="trunk/**")
+    opt = param_groups({"sgd": optax.sgd(0.5), "adam": optax.adam(1e-2)}[inner],
+                       frozen="trunk/**")
     rng = np.random.default_rng(0)
     x = rng.standard_normal((16, 5)).astype(np.float32)
     y = rng.integers(0, 3, 16).astype(np.int32)

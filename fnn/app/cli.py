@@ -74,6 +74,12 @@ def _setup(config, args, parallel: bool = True):
     except (ValueError, TypeError) as e:
         where = "augment" if config.augment else f"model ({name})"
         raise ConfigError(f"{where}: in training on the data's batches: {e}") from None
+    mix = build_mix(config, task.num_classes)
+    if mix is not None:
+        try:
+            jax.eval_shape(mix, jax.random.key(0), *task.batch(0))
+        except (ValueError, TypeError) as e:
+            raise ConfigError(f"mix ({config.mix['name']}): on the data's batches: {e}") from None
     devices = _devices(config) if parallel else None
     run_plan = rundir.plan(Path(config.output_dir), config, vocab, like, steps,
                            resume=args.resume, overwrite=args.overwrite)

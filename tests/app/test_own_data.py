@@ -203,6 +203,13 @@ def test_augmentation_of_data_that_are_not_images_is_refused_before_any_write(tm
     assert err.startswith("fnn: error: ") and "augment: in training on the data's batches: " \
         "RandomCrop" in err and "expected input [..., height, width, channels]" in err
     assert {p.name: p.stat().st_mtime_ns for p in (tmp_path / "run").rglob("*")} == before
+    path = _config(tmp_path, data, {"name": "mlp", "hidden_features": [4]},
+                   mix={"name": "cutmix", "alpha": 1.0})
+    code = main(["train", str(path), "--overwrite"])
+    err = capsys.readouterr().err
+    assert code == 2 and len(err.splitlines()) == 1
+    assert "mix (cutmix): on the data's batches: cutmix: expected" in err, err
+    assert {p.name: p.stat().st_mtime_ns for p in (tmp_path / "run").rglob("*")} == before
 
 
 def test_config_augmentation_is_applied_in_training_only(key):

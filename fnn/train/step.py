@@ -102,11 +102,12 @@ def train_step_fn(model: Layer, optimizer: optax.GradientTransformation, loss: L
         if kept is not None:  # a frozen layer's state (running statistics) stays as it was
             new_state = jax.tree.map(lambda old, new, k: old if k else new, ts.state, new_state,
                                      kept)
-        if axis_name is not None and frozen is None:
-            grads, results = lax.pmean((grads, results), axis_name)
-        elif axis_name is not None:
-            grads = _mean_trainable(grads, frozen, axis_name)  # frozen: zeros on every device
-            results = lax.pmean(results, axis_name)
+        if axis_name is not None:
+            if frozen is None:
+                grads, results = lax.pmean((grads, results), axis_name)
+            else:  # a frozen leaf's gradient is zeros on every device: no mean
+                grads = _mean_trainable(grads, frozen, axis_name)
+                results = lax.pmean(results, axis_name)
             new_state = _mean_floating(new_state, axis_name)
         # decided after the mean: every replica sees the same loss and gradients
         ok = _all_finite(results["loss"], grads)

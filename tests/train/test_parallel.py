@@ -278,3 +278,28 @@ def test_a_mixed_sharded_step_equals_one_device(key):
     for got, want in zip(jax.tree.leaves(sharded), jax.tree.leaves(single)):
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
     assert results["sharded"][1] == pytest.approx(results["none"][1], rel=1e-5)
+
+
+@pytest.mark.parametrize("frozen", [False, True])
+def test_model_state_is_averaged_over_the_devices(frozen, key):
+    """A layer's state computed from each device's shard (no axis of its own) is the mean over
+    the devices after a pmap step, as it is on one device on the whole batch."""
+    from fnn.train import param_groups
+
+    def init(layer_key, x):
+        return {}, {"mean": jnp.zeros((), jnp.float32)}
+
+    def apply(params, state, x, *, key=None, train=False):
+        return x, ({"mean": jnp.mean(x)} if train else state)
+
+    model = fnn.serial(Layer(init, apply, "MeanOfBatch"), head=fnn.Dense(3))
+    opt = param_groups(optax.sgd(0.1), frozen="head/b") if frozen else optax.sgd(0.1)
+    x, y = _batch(3)
+    states = {}
+    for mode in ("none", "pmap"):
+        runner = data_parallel(model, opt, softmax_cross_entropy, mode=mode)
+        pts, _ = runner.step(runner.put_state(create_train_state(model, opt, key, x)),
+                             *runner.put_batch(x, y))
+        states[mode] = float(runner.get_state(pts).state["0"]["mean"])
+    assert states["pmap"] == pytest.approx(states["none"], rel=1e-6)
+    assert states["none"] == pytest.approx(float(np.mean(x)), rel=1e-6)

@@ -172,7 +172,9 @@ class ParamGroups(optax.GradientTransformationExtraArgs):
     """An optax optimizer over parameter groups (see :func:`param_groups`). Its ``frozen``
     attribute (patterns) tells fnn's train step which gradients it need not compute."""
 
-    frozen: tuple[str, ...]  # set by param_groups on each instance
+    # the patterns, set by param_groups on each instance; a copy made by _replace has none,
+    # and its step then computes the frozen leaves' (zero) updates like any optax chain's
+    frozen: tuple[str, ...] = ()
 
     def frozen_mask(self, params: Any) -> Any:
         """The bool tree of the frozen leaves of ``params`` (None when nothing is frozen)."""

@@ -93,6 +93,8 @@ def test_param_groups_updates_and_state():
     adam_state = opt_state.inner_states["group1"].inner_state[0]
     assert [np.shape(x) for x in jax.tree.leaves(adam_state.mu)] == [(2, 2)]
     assert opt.frozen == ("trunk/**",)
+    assert opt._replace().frozen == () and fnn.train.groups.frozen_mask(opt._replace(),
+                                                                         PARAMS) is None
     with pytest.raises(TypeError, match="groups maps patterns to optax optimizers"):
         param_groups(optax.sgd(0.1), groups=[("head/**", 0.1)])
     with pytest.raises(ValueError, match=r"param_groups \(frozen\): the pattern 'trunc/\*\*' "

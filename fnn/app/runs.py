@@ -107,15 +107,14 @@ def load_run(run_dir: str | Path, *, step: int | None = None) -> Run:
     if (run / "inputs.json").exists():  # the model without the data
         example, filled = _read_inputs(run / "inputs.json")
     elif config.data["name"] in LANGUAGE_DATA:
-        if not (run / "vocab.json").exists():
-            raise ConfigError(f"{run}: no vocab.json: the run did not finish writing its files")
-        vocab = Vocab(read_vocab(run / "vocab.json"))
-        filled = {"vocab_size": vocab.size}
+        filled = {"vocab_size": _vocab_size(run, vocab)}
         example = np.zeros((1, config.data["seq_len"]), np.int32)
     else:  # a run without inputs.json: the data gives the input's shape and the classes
         task, filled, data_vocab = task_of(config)
         vocab = vocab or data_vocab
         example = task.example[:1]
+    if config.data["name"] in VOCAB_DATA:
+        _vocab_size(run, vocab)  # the ids mean nothing without it
     model = build_model(config, **filled)
     like_params, like_state = jax.eval_shape(model.init, jax.random.key(0), as_spec(example))
     root = run / CHECKPOINTS
@@ -132,6 +131,15 @@ def load_run(run_dir: str | Path, *, step: int | None = None) -> Run:
     except CheckpointError as e:
         raise ConfigError(f"cannot load the run in {run}: {' '.join(str(e).split())}") from None
     return Run(model, params, state, config, vocab, int(step), list(meta.get("history", [])))
+
+
+VOCAB_DATA = ("text", "text_classes")  # data whose ids are characters of a vocab.json
+
+
+def _vocab_size(run: Path, vocab: Any) -> int:
+    if vocab is None:
+        raise ConfigError(f"{run}: no vocab.json: the run did not finish writing its files")
+    return vocab.size
 
 
 def inputs_of(task: Any, filled: dict[str, Any]) -> dict[str, Any]:

@@ -104,6 +104,10 @@ def test_cli_trains_a_language_model_on_a_text_file_and_generates(tmp_path):
         code, _, err = _main(["generate", str(tmp_path / "run"), *args])
         assert code == 2 and err.startswith("fnn: error: ") and message in err, err
         assert len(err.splitlines()) == 1, err
+    (tmp_path / "run" / "vocab.json").unlink()
+    code, _, err = _main(["generate", str(tmp_path / "run")])
+    assert code == 2 and err == f"fnn: error: {tmp_path / 'run'}: no vocab.json: the run did " \
+        f"not finish writing its files\n"
 
 
 def _params_of_last_checkpoint(run):

@@ -10,6 +10,10 @@ The library never imports the application above it (:mod:`fnn.app`: the command 
 host settings and plots).
 """
 
+from fnn.adapters import lora as lora
+from fnn.adapters import lora_adapters as lora_adapters
+from fnn.adapters import lora_frozen as lora_frozen
+from fnn.adapters import merge_lora as merge_lora
 from fnn.combinators import branch as branch
 from fnn.combinators import named as named
 from fnn.combinators import remat as remat
@@ -36,6 +40,7 @@ from fnn.precision import with_policy as with_policy
 from fnn.layers import *  # noqa: F401,F403 - the layer factories are public (fnn.layers.__all__)
 
 from fnn import data as data  # noqa: E402 - submodules after the names they use
+from fnn import interop as interop  # noqa: E402
 from fnn import losses as losses  # noqa: E402
 from fnn import models as models  # noqa: E402
 from fnn import train as train  # noqa: E402

@@ -503,6 +503,19 @@ def observing(observer: Callable[..., None]) -> Iterator[None]:
 
 
 @contextlib.contextmanager
+def unobserved() -> Iterator[None]:
+    """Within the block, child calls are seen by no observer and captured nowhere: for a layer
+    that traces its child an extra time to learn about it (:func:`fnn.adapters.lora` finds the
+    layers it adapts so), so that a summary or a capture around it lists each call once."""
+    tokens = (_OBSERVERS.set(()), _CAPTURED.set(None))
+    try:
+        yield
+    finally:
+        _OBSERVERS.reset(tokens[0])
+        _CAPTURED.reset(tokens[1])
+
+
+@contextlib.contextmanager
 def capturing() -> Iterator[dict[str, Any]]:
     """Collects every child's output traced inside the block into the yielded dict, keyed by
     path (the values cross ``repeat``'s scan and ``remat``'s checkpoint as returned outputs)."""

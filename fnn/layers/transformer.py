@@ -7,11 +7,17 @@ lengths, positions and a memory. Blocks keep the input's shape, so a stack of th
 ``fnn.combinators.repeat(EncoderBlock(...), num_layers)`` (one ``lax.scan`` over stacked params,
 compile time flat in depth).
 
-Both blocks are pre-norm (GPT-2, LLaMA, ``norm_first=True`` in PyTorch)::
+Both blocks are pre-norm by default (GPT-2, LLaMA, ``norm_first=True`` in PyTorch)::
 
     x = x + drop(attention(norm1(x)))
     x = x + drop(cross_attention(cross_norm(x), memory))     # DecoderBlock(cross=True) only
     x = x + drop(ffn(norm2(x)))
+
+and post-norm with ``norm_first=False`` (the original Transformer, BERT, PyTorch's default)::
+
+    x = norm1(x + drop(attention(x)))
+    x = cross_norm(x + drop(cross_attention(x, memory)))     # DecoderBlock(cross=True) only
+    x = norm2(x + drop(ffn(x)))
 
 Params are nested under the sublayer names: ``{"norm1", "attention", ["cross_norm",
 "cross_attention",] "norm2", "ffn"}``; the residual dropouts (``drop1``, ``cross_drop``,
@@ -47,11 +53,13 @@ def make_norm(owner: str, norm: str, epsilon: float | None = None) -> Layer:
 
 def _block(name: str, num_heads: int, hidden_features: int, *, cross: bool, causal: bool,
            num_kv_heads, dropout, attention_dropout, activation, norm, norm_epsilon, rope,
-           alibi, window, use_bias, implementation) -> Layer:
-    """The pre-norm block behind :func:`EncoderBlock` and :func:`DecoderBlock`."""
+           alibi, window, use_bias, implementation, norm_first) -> Layer:
+    """The block behind :func:`EncoderBlock` and :func:`DecoderBlock`."""
     check_positive(name, num_heads=num_heads, hidden_features=hidden_features)
     check_rate(name, "dropout", dropout)
     check_rate(name, "attention_dropout", attention_dropout)
+    if not isinstance(norm_first, bool):
+        raise ValueError(f"{name}: norm_first must be True or False, got {norm_first!r}")
     mha = dict(num_kv_heads=num_kv_heads, use_bias=use_bias, dropout=attention_dropout,
                implementation=implementation)
     # (norm, body, residual dropout) of each residual branch, in order
@@ -95,9 +103,14 @@ def _block(name: str, num_heads: int, hidden_features: int, *, cross: bool, caus
             require_key(name, key)
         child = parts.runner(params, state, key, train)
         h = array_of(x)
-        for norm_name, body, drop in branches:  # h + drop(body(norm(h))), side inputs kept
-            y = child(drop, child(body, child(norm_name, map_array(x, lambda _: h))))
-            h = h + array_of(y).astype(h.dtype)
+        for norm_name, body, drop in branches:  # side inputs kept
+            if norm_first:  # h + drop(body(norm(h)))
+                y = child(drop, child(body, child(norm_name, map_array(x, lambda _: h))))
+                h = h + array_of(y).astype(h.dtype)
+            else:  # norm(h + drop(body(h)))
+                y = child(drop, child(body, map_array(x, lambda _: h)))
+                total = h + array_of(y).astype(h.dtype)
+                h = array_of(child(norm_name, map_array(x, lambda _: total)))
         return map_array(x, lambda _: h), child.state
 
     return Layer(init, apply, name)
@@ -108,8 +121,10 @@ def EncoderBlock(num_heads: int, hidden_features: int, *, num_kv_heads: int | No
                  activation: str | Layer = "gelu", norm: str = "layer",
                  norm_epsilon: float | None = None, rope: bool = False, alibi: bool = False,
                  window: int | tuple[int, int] | None = None, causal: bool = False,
-                 use_bias: bool = True, implementation: str | None = None) -> Layer:
-    """A pre-norm transformer encoder block::
+                 use_bias: bool = True, implementation: str | None = None,
+                 norm_first: bool = True) -> Layer:
+    """A transformer encoder block, pre-norm (``norm_first=False``: post-norm, see the
+    module's docs)::
 
         x = x + drop(attention(norm1(x)))
         x = x + drop(ffn(norm2(x)))
@@ -132,6 +147,8 @@ def EncoderBlock(num_heads: int, hidden_features: int, *, num_kv_heads: int | No
     - ``norm``: ``"layer"`` (LayerNorm) or ``"rms"`` (RMSNorm); ``norm_epsilon`` its epsilon
       (default: the norm's own, 1e-5 and 1e-6).
     - ``use_bias``: biases in the attention projections and the feed-forward layers.
+    - ``norm_first``: pre-norm (``True``) or post-norm (``False``), as PyTorch's
+      ``TransformerEncoderLayer(norm_first=...)``.
 
     With ``causal=True`` the block can decode incrementally like :func:`DecoderBlock` (state
     from :func:`init_block_cache`).
@@ -148,7 +165,8 @@ def EncoderBlock(num_heads: int, hidden_features: int, *, num_kv_heads: int | No
                   num_kv_heads=num_kv_heads, dropout=dropout,
                   attention_dropout=attention_dropout, activation=activation, norm=norm,
                   norm_epsilon=norm_epsilon, rope=rope, alibi=alibi, window=window,
-                  use_bias=use_bias, implementation=implementation)
+                  use_bias=use_bias, implementation=implementation,
+                  norm_first=norm_first)
 
 
 def DecoderBlock(num_heads: int, hidden_features: int, *, cross: bool = False,
@@ -156,9 +174,11 @@ def DecoderBlock(num_heads: int, hidden_features: int, *, cross: bool = False,
                  attention_dropout: float = 0.0, activation: str | Layer = "gelu",
                  norm: str = "layer", norm_epsilon: float | None = None, rope: bool = False,
                  alibi: bool = False, window: int | tuple[int, int] | None = None,
-                 use_bias: bool = True, implementation: str | None = None) -> Layer:
-    """A pre-norm transformer decoder block: causal self-attention, cross-attention to a memory
-    (with ``cross=True``), and a feed-forward network::
+                 use_bias: bool = True, implementation: str | None = None,
+                 norm_first: bool = True) -> Layer:
+    """A transformer decoder block (pre-norm; ``norm_first=False``: post-norm): causal
+    self-attention, cross-attention to a memory (with ``cross=True``), and a feed-forward
+    network::
 
         x = x + drop(attention(norm1(x)))                    # causal
         x = x + drop(cross_attention(cross_norm(x), memory))  # cross=True only
@@ -195,7 +215,8 @@ def DecoderBlock(num_heads: int, hidden_features: int, *, cross: bool = False,
                   num_kv_heads=num_kv_heads, dropout=dropout,
                   attention_dropout=attention_dropout, activation=activation, norm=norm,
                   norm_epsilon=norm_epsilon, rope=rope, alibi=alibi, window=window,
-                  use_bias=use_bias, implementation=implementation)
+                  use_bias=use_bias, implementation=implementation,
+                  norm_first=norm_first)
 
 
 def init_block_cache(params: dict[str, Any], batch_shape: int | tuple[int, ...],

@@ -154,6 +154,25 @@ def test_encoder_block_matches_pre_norm_reference(key, kwargs):
     np.testing.assert_allclose(f64(y), ref, **TOL)
 
 
+@pytest.mark.parametrize("make", [EncoderBlock, DecoderBlock])
+def test_post_norm_blocks_match_the_post_norm_reference(key, make):
+    """``norm_first=False``: ``norm1(x + attention(x))``, then ``norm2(h + ffn(h))``, with the
+    same params as the pre-norm block, which gives another output."""
+    block = make(2, 16, norm_first=False)
+    x = jnp.asarray(rand((B, T, F), 9))
+    params = make_params(block, x)
+    y, _ = run(block, params, x)
+    causal = make is DecoderBlock
+    h = norm_ref(params["norm1"], f64(x) + mha_ref(params["attention"], x, causal=causal),
+                 "layer")
+    ref = norm_ref(params["norm2"], h + ffn_ref(params["ffn"], h), "layer")
+    np.testing.assert_allclose(f64(y), ref, **TOL)
+    pre, _ = run(make(2, 16), params, x)
+    assert not np.allclose(f64(pre), ref, atol=1e-3)
+    with pytest.raises(ValueError, match="norm_first must be True or False, got 'post'"):
+        make(2, 16, norm_first="post")
+
+
 # every option at once: (block, its options, the reference's options)
 OPTIONS = {
     "encoder_window_alibi_eps_gelu_tanh": (

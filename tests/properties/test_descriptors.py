@@ -141,6 +141,8 @@ DESCRIPTORS = [
                lambda: fnn.EncoderBlock(4, 16, num_kv_heads=2, norm="rms", rope=True, causal=True,
                                         activation="swiglu", use_bias=False), (2, 5, 8)),
     Descriptor("DecoderBlock", lambda: fnn.DecoderBlock(2, 16, rope=True), (2, 5, 8)),
+    Descriptor("EncoderBlock-post-norm", lambda: fnn.EncoderBlock(2, 16, norm_first=False),
+               (2, 5, 8), side=_lengths),
     Descriptor("DecoderBlock-cross-lengths",
                lambda: fnn.DecoderBlock(2, 16, cross=True, activation="gelu_tanh"), (2, 5, 8),
                side=lambda x: _memory(x) | _lengths(x)),
@@ -157,6 +159,11 @@ DESCRIPTORS = [
     Descriptor("SinusoidalPositionEmbedding", lambda: fnn.SinusoidalPositionEmbedding(8),
                (2, 5, 4)),
     Descriptor("repeat", lambda: fnn.repeat(fnn.serial(fnn.Dense(5), fnn.Gelu()), 3), (3, 5)),
+    Descriptor("lora", lambda: fnn.lora(fnn.serial(fnn.Dense(6), fnn.Relu(), fnn.Dense(3)),
+                                        rank=2, alpha=4.0), (3, 5)),
+    Descriptor("lora-repeat-attention",
+               lambda: fnn.lora(fnn.repeat(fnn.EncoderBlock(2, 16), 2), "**/attention/*",
+                                rank=2), (2, 5, 8), side=_lengths),
     Descriptor("repeat-encoder-remat",
                lambda: fnn.repeat(fnn.EncoderBlock(2, 16, dropout=0.1), 2, remat=True),
                (2, 5, 8), stochastic=True),
@@ -348,7 +355,7 @@ def test_every_public_layer_has_a_descriptor():
     factories = {name: getattr(fnn, name) for name in fnn.layers.__all__}
     public = {name for name, obj in factories.items()  # layer factories, not types or tables
               if name[0].isupper() and callable(obj) and not isinstance(obj, type)}
-    public |= {"serial", "branch", "residual", "named", "tied", "repeat"}
+    public |= {"serial", "branch", "residual", "named", "tied", "repeat", "lora"}
 
     assert public <= covered, f"layers without a descriptor: {public - covered}"
 

@@ -235,6 +235,57 @@ def generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def export(args: argparse.Namespace) -> int:
+    """Writes a run's model as a jax.export program, or its weights as safetensors/npz."""
+    import warnings
+
+    from fnn.interop import (ExportedFunction, export_model, flatten, save_exported, save_npz,
+                             save_safetensors)
+
+    weight_files = {".safetensors": save_safetensors, ".npz": save_npz}
+    run = Path(args.run_dir)
+    out = Path(args.out)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        loaded = load_run(run)
+    for warning in caught:  # a corrupt newer checkpoint, left as it is
+        print(f"fnn: {warning.message}", file=sys.stderr)
+    weights = {"params": loaded.params, "state": loaded.state}
+    if out.exists() and not args.overwrite:  # before any work, in the command line's words
+        raise FileExistsError(f"{out} exists: pass --overwrite to replace it")
+    if out.suffix in weight_files:
+        if args.batch_size is not None or args.platforms is not None:
+            raise ConfigError(f"--batch-size and --platforms are for a jax.export program; "
+                              f"{out.name} is a weights file ({out.suffix})")
+        weight_files[out.suffix](out, weights, overwrite=args.overwrite)
+        what = f"the params and state ({len(flatten(weights))} arrays)"
+    else:
+        exported = export_model(loaded.model, loaded.params, loaded.state, loaded.example,
+                                batch_size=_batch_size(args.batch_size),
+                                platforms=None if args.platforms is None
+                                else args.platforms.split(","))
+        save_exported(out, exported, overwrite=args.overwrite)
+        inputs, outputs = ExportedFunction(exported, str(out)).signature()
+        what = (f"a jax.export program ({inputs}) -> ({outputs}) on "
+                f"{', '.join(exported.platforms)}")
+    print(f"wrote {out} ({out.stat().st_size / 1e3:,.0f} kB): {what} of the run's "
+          f"{loaded.config.model['name']} at step {loaded.step}")
+    return 0
+
+
+def _batch_size(value: str | None) -> int | str:
+    """``--batch-size``: ``dynamic`` (the default: any batch) or a positive int."""
+    if value is None or value == "dynamic":
+        return "b"
+    try:
+        size = int(value)
+    except ValueError:
+        size = 0
+    if size < 1:
+        raise ConfigError(f"--batch-size must be 'dynamic' or a positive integer, got {value!r}")
+    return size
+
+
 def summary(args: argparse.Namespace) -> int:
     import jax
 
@@ -290,7 +341,20 @@ def _parser() -> argparse.ArgumentParser:
     summary_cmd = commands.add_parser("summary", help="print a config's model summary")
     summary_cmd.add_argument("config")
     summary_cmd.set_defaults(run=summary)
-    for command in (train_cmd, gen_cmd, summary_cmd):  # --debug before or after the command
+    export_cmd = commands.add_parser(
+        "export", help="write a run's model as a jax.export program (runs with JAX alone), or "
+                       "its weights as .safetensors or .npz")
+    export_cmd.add_argument("run_dir", help="the output_dir of an `fnn train` run")
+    export_cmd.add_argument("--out", required=True,
+                            help="FILE.safetensors or FILE.npz: the params and state; any other "
+                                 "name: the jax.export program (weights inside)")
+    export_cmd.add_argument("--batch-size", help="the program's batch size: dynamic (default: "
+                                                 "any) or an integer")
+    export_cmd.add_argument("--platforms", help="where the program may run, comma-separated "
+                                                "(default: this machine's), e.g. cpu,cuda")
+    export_cmd.add_argument("--overwrite", action="store_true", help="replace FILE if it exists")
+    export_cmd.set_defaults(run=export)
+    for command in (train_cmd, gen_cmd, summary_cmd, export_cmd):  # --debug before or after
         command.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
                              help="show the traceback of an error instead of one line")
     return parser

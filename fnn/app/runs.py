@@ -88,6 +88,7 @@ class Run(NamedTuple):
     vocab: Any  # fnn.data.Vocab of a run whose data has one (text, text_classes), else None
     step: int  # the checkpoint's step
     history: list[dict[str, Any]]  # the metrics rows up to that step
+    example: Any = None  # one input's shape and dtype, [1, ...] (a jax.ShapeDtypeStruct)
 
 
 def load_run(run_dir: str | Path, *, step: int | None = None) -> Run:
@@ -130,7 +131,8 @@ def load_run(run_dir: str | Path, *, step: int | None = None) -> Run:
         state, _ = restore_checkpoint(root, like_state, step=step, subtree="state")
     except CheckpointError as e:
         raise ConfigError(f"cannot load the run in {run}: {' '.join(str(e).split())}") from None
-    return Run(model, params, state, config, vocab, int(step), list(meta.get("history", [])))
+    return Run(model, params, state, config, vocab, int(step), list(meta.get("history", [])),
+               as_spec(example))
 
 
 VOCAB_DATA = ("text", "text_classes")  # data whose ids are characters of a vocab.json

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import yaml
 
+import fnn
 from fnn.app.cli import main
 from fnn.app.config import ConfigError
 
@@ -377,3 +378,54 @@ def test_resume_with_fewer_epochs_than_the_checkpoint_changes_nothing(tmp_path):
     assert code == 2 and len(err.splitlines()) == 1
     assert "its checkpoint is at step 44, past this run's 22 steps (epochs 1)" in err
     assert _snapshot(run) == before  # config.yaml not rewritten before the refusal
+
+
+# ----------------------------------------------------------------------------- fnn export
+
+def test_export_writes_a_program_and_weight_files_of_a_run(tmp_path):
+    from fnn.app import load_run
+    from fnn.data import load_digits
+    from fnn.interop import load_exported, load_safetensors, read_npz
+
+    assert _main(["train", str(_tiny(tmp_path)), "--no-progress"])[0] == 0
+    run = load_run(tmp_path / "run")
+    assert run.example.shape == (1, 8, 8, 1)
+    x = load_digits().x_test[:5]
+    want, _ = run.model.apply(run.params, run.state, x)
+
+    code, out, _ = _main(["export", str(tmp_path / "run"), "--out", str(tmp_path / "m.jax")])
+    assert code == 0 and "(float32[b, 8, 8, 1]) -> (float32[b, 10]) on cpu" in out
+    assert "mlp at step 22" in out
+    np.testing.assert_allclose(load_exported(tmp_path / "m.jax")(x), want, atol=1e-6)
+
+    code, out, _ = _main(["export", str(tmp_path / "run"), "--out", str(tmp_path / "m7.jax"),
+                          "--batch-size", "7", "--platforms", "cpu,cuda"])
+    assert code == 0 and "float32[7, 8, 8, 1]" in out and "on cpu, cuda" in out
+
+    code, out, _ = _main(["export", str(tmp_path / "run"), "--out",
+                          str(tmp_path / "w.safetensors")])
+    assert code == 0 and "the params and state" in out
+    weights = load_safetensors(tmp_path / "w.safetensors",
+                               like={"params": run.params, "state": run.state})
+    np.testing.assert_array_equal(weights["params"]["head"]["w"], run.params["head"]["w"])
+    assert _main(["export", str(tmp_path / "run"), "--out", str(tmp_path / "w.npz")])[0] == 0
+    assert set(read_npz(tmp_path / "w.npz")) == {
+        "params/" + name for name in fnn.interop.flatten(run.params)}
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--out", "{tmp}/m.jax"], "m.jax exists: pass --overwrite to replace it"),
+    (["--out", "{tmp}/new.jax", "--batch-size", "0"],
+     "--batch-size must be 'dynamic' or a positive integer, got '0'"),
+    (["--out", "{tmp}/w.npz", "--batch-size", "4"],
+     "--batch-size and --platforms are for a jax.export program; w.npz is a weights file"),
+    (["--out", "{tmp}/new.jax", "--platforms", "gpu"], "'gpu' is not a platform of jax.export"),
+])
+def test_export_user_errors_are_one_line_and_write_nothing(tmp_path, argv, message):
+    assert _main(["train", str(_tiny(tmp_path)), "--no-progress"])[0] == 0
+    (tmp_path / "m.jax").write_bytes(b"kept")
+    before = _snapshot(tmp_path)
+    argv = [a.format(tmp=tmp_path) for a in argv]
+    code, _, err = _main(["export", str(tmp_path / "run"), *argv])
+    assert code == 2 and err.count("\n") == 1 and message in err, err
+    assert _snapshot(tmp_path) == before

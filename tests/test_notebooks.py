@@ -35,8 +35,8 @@ def test_notebook_runs(path):
     missing = [name for name in nb.metadata.get("fnn", {}).get("requires", [])
                if importlib.util.find_spec(name) is None]
     if missing:
-        pytest.skip(f"{path.name} needs {', '.join(missing)}, which is not installed "
-                    f"(pip install -e '.[interop]')")
+        pytest.skip(f"{path.name} needs {', '.join(missing)} (not installed: pip install -e "
+                    f"'.[interop]')")
     client = nbclient.NotebookClient(
         nb, timeout=CELL_TIMEOUT_S, kernel_name="python3",
         resources={"metadata": {"path": str(NOTEBOOKS)}})

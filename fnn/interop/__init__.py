@@ -4,7 +4,7 @@ and deployment with ``jax.export``.
 - :mod:`fnn.interop.weights`: ``save_safetensors``/``load_safetensors`` and ``save_npz``/
   ``load_npz`` for any params/state tree, keys joined by ``/``, checked against the model on
   load.
-- :mod:`fnn.interop.torch`: a PyTorch ``state_dict`` (torch tensors or numpy arrays; torch itself
+- :mod:`fnn.interop.pytorch`: a PyTorch ``state_dict`` (torch tensors or numpy arrays; torch itself
   is not needed) to fnn params and state and back, by layout rules written once per layer family,
   and whole models: torchvision's ResNets and Hugging Face's GPT-2.
 - :mod:`fnn.interop.export`: a model's forward pass as a ``jax.export`` file that runs with JAX
@@ -24,6 +24,7 @@ from fnn.interop.weights import load_npz as load_npz
 from fnn.interop.weights import load_safetensors as load_safetensors
 from fnn.interop.weights import read_npz as read_npz
 from fnn.interop.weights import read_safetensors as read_safetensors
+from fnn.interop.weights import read_safetensors_metadata as read_safetensors_metadata
 from fnn.interop.weights import save_npz as save_npz
 from fnn.interop.weights import save_safetensors as save_safetensors
 from fnn.interop.weights import unflatten as unflatten

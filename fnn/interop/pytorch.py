@@ -54,7 +54,7 @@ Conventions that differ from PyTorch (what a porting user must set or know):
 - **Conv padding**: fnn's default is ``"SAME"``, torch's ``0`` (``"VALID"``); pass torch's
   ``padding`` as an int (or pairs) to fnn's ``Conv``.
 - **BatchNorm**: fnn's ``momentum`` is the weight of the old statistics: torch's ``momentum=0.1``
-  is fnn's ``momentum=0.9``. The running variance fnn keeps is updated with the *biased* batch
+  is fnn's ``momentum=0.9`` (fnn's default is ``0.99``, Flax's; the ResNet importer sets 0.9). The running variance fnn keeps is updated with the *biased* batch
   variance (as Flax and Haiku), torch's with the unbiased one (``n / (n - 1)`` larger): imported
   statistics give the same outputs in evaluation, and in training the outputs are the same (both
   normalise with the biased batch variance) but the updated running variance differs by that
@@ -70,6 +70,10 @@ Conventions that differ from PyTorch (what a porting user must set or know):
 - **Transformer blocks**: torch's ``TransformerEncoderLayer`` is post-norm unless
   ``norm_first=True``, its activation ``relu``: build fnn's block with ``norm_first=`` and
   ``activation=`` to match.
+- **What a state_dict does not hold** must be matched by hand when building the fnn model:
+  ``nn.RNN(nonlinearity="relu")`` (``SimpleRNNCell(activation=...)``), a conv's
+  ``padding_mode`` other than zeros, ``MultiheadAttention(add_zero_attn=True)`` (no fnn
+  equivalent), and every size that the weights do not show (strides, paddings, head counts).
 """
 
 from __future__ import annotations
@@ -112,10 +116,10 @@ def as_torch(state_dict: Mapping[str, Any]) -> dict:
     import torch
 
     def tensor(a):
-        a = np.asarray(a, order="C")  # (ascontiguousarray would make scalars 1-d)
+        a = np.array(a, order="C")  # a writable copy (ascontiguousarray makes scalars 1-d)
         if a.dtype.name == "bfloat16":
             return torch.from_numpy(a.view(np.int16)).view(torch.bfloat16)
-        return torch.from_numpy(a.copy())
+        return torch.from_numpy(a)
 
     return {name: tensor(numpy_array(v)) for name, v in state_dict.items()}
 
@@ -415,6 +419,8 @@ def _check_rule(path: str, rule: Any) -> Family:
     if unknown:
         raise ValueError(f"layout[{path!r}]: family {rule.family!r} takes the options "
                          f"{sorted(family.options) or 'none'}, got {sorted(unknown)}")
+    if rule.count is not None and (not isinstance(rule.count, int) or rule.count < 1):
+        raise ValueError(f"layout[{path!r}]: count must be a positive int, got {rule.count!r}")
     if (rule.count is None) != ("{i}" not in rule.prefix):
         raise ValueError(f"layout[{path!r}]: a Rule with count needs '{{i}}' in its prefix and "
                          f"one without does not take it, got prefix={rule.prefix!r}, "
@@ -474,20 +480,53 @@ def _write_layout(params: dict, state: dict, layout: Mapping[str, Rule],
         if not p and not s:
             raise WeightsError(f"to_torch: rule {rule.family!r} for fnn path {path!r}: the "
                                f"params have nothing there")
+        where = f"to_torch: rule {rule.family!r} for fnn path {path!r}"
         if rule.count is None:
             pieces = [(rule.prefix, p, s)]
         else:
+            stacked = {np.shape(a)[0] if np.ndim(a) else None for a in jax.tree.leaves((p, s))}
+            if stacked != {rule.count}:
+                raise WeightsError(f"{where}: count={rule.count}, but the params there are "
+                                   f"stacked {sorted(stacked, key=str)} deep")
             pieces = [(rule.prefix.format(i=i), jax.tree.map(lambda a: a[i], p),
                        jax.tree.map(lambda a: a[i], s)) for i in range(rule.count)]
         for prefix, p_i, s_i in pieces:
             try:
                 written = family.to_torch(p_i, s_i, **opts)
             except KeyError as e:
-                raise WeightsError(f"to_torch: rule {rule.family!r} for fnn path {path!r} "
-                                   f"needs the entry {e.args[0]!r}, which is missing "
+                raise WeightsError(f"{where} needs the entry {e.args[0]!r}, which is missing "
                                    f"(got {sorted(p_i)})") from None
+            _check_written(where, family, opts, written, p_i, s_i)
             out |= {prefix + name: value for name, value in written.items()}
     return out
+
+
+def _same(a: np.ndarray, b: np.ndarray) -> bool:
+    if np.shape(a) != np.shape(b) or np.asarray(a).dtype != np.asarray(b).dtype:
+        return False
+    if np.issubdtype(np.asarray(a).dtype, np.inexact) or np.asarray(a).dtype.kind == "V":
+        return np.array_equal(np.asarray(a, np.float64), np.asarray(b, np.float64),
+                              equal_nan=True)
+    return np.array_equal(a, b)
+
+
+def _check_written(where: str, family: Family, opts: dict, written: Arrays, params: dict,
+                   state: dict) -> None:
+    """What a family wrote must read back as the params and state it was given, leaf for leaf:
+    a leaf the family does not know (unmerged LoRA adapters, a state it has no torch entry
+    for) would otherwise be left out of the state_dict without a word."""
+    back = family.to_fnn(_Entries(written, "", set(), where), **opts)
+    given, got = flatten({"params": params, "state": state}), flatten(
+        {"params": back[0], "state": back[1]})
+    left_out = sorted(set(given) - set(got))
+    if left_out:
+        hint = (" (LoRA adapters: fold them in with fnn.merge_lora first)"
+                if any(n.rsplit("/", 1)[-1].startswith("lora_") for n in left_out) else "")
+        raise WeightsError(f"{where}: torch has no entry for {', '.join(left_out)}{hint}")
+    changed = [n for n in given if not _same(given[n], got[n])]
+    if changed:
+        raise WeightsError(f"{where}: the entries {', '.join(changed)} do not read back as they "
+                           f"were written (shapes {[np.shape(given[n]) for n in changed]})")
 
 
 def _ignored(name: str, ignore: tuple[str, ...]) -> bool:
@@ -561,6 +600,14 @@ def resnet_layout(stage_sizes: tuple[int, ...], block: str = "basic") -> dict[st
     return layout | {"head": Rule("linear", "fc.")}
 
 
+def _float32(state_dict: Mapping[str, Any]) -> Arrays:
+    """The state_dict as numpy, floating entries in float32 (exact from bfloat16 and float16),
+    the dtype of the params of the fnn models the importers build."""
+    arrays = {name: numpy_array(v) for name, v in state_dict.items()}
+    return {name: a.astype(np.float32) if np.issubdtype(a.dtype, np.floating)
+            or a.dtype.name == "bfloat16" else a for name, a in arrays.items()}
+
+
 def _resnet_shape(names: list[str], source: str) -> tuple[tuple[int, ...], str]:
     """``stage_sizes`` and ``block`` from the entry names of a torchvision ResNet."""
     blocks: dict[int, set[int]] = {}
@@ -586,14 +633,17 @@ def _drop_optional_shortcuts(layout: dict[str, Rule], names: set[str]) -> dict[s
 def import_torchvision_resnet(state_dict: Mapping[str, Any]) -> tuple[Layer, dict, dict]:
     """An :func:`fnn.models.ResNet` with the weights of a torchvision ResNet's ``state_dict``
     (``resnet18``, ``resnet34``, ``resnet50``, ``resnet101``, ``resnet152``, any
-    ``num_classes``): returns ``(model, params, state)``. The model takes channels-last images
+    ``num_classes``; floating entries are read as float32): returns ``(model, params, state)``. The model takes channels-last images
     ``[N, H, W, 3]`` (torch's ``x.permute(0, 2, 3, 1)``) and gives the same logits as torch in
     evaluation and in training (batch statistics; see the BatchNorm note in this module's
     docs). Its BatchNorm momentum is torchvision's (0.1, fnn's ``momentum=0.9``)."""
     from fnn.models import ResNet
 
-    arrays = {name: numpy_array(v) for name, v in state_dict.items()}
+    arrays = _float32(state_dict)
     stage_sizes, block = _resnet_shape(list(arrays), "import_torchvision_resnet")
+    if "fc.weight" not in arrays:
+        raise WeightsError("import_torchvision_resnet: no fc.weight: expected the state_dict of "
+                           "a whole torchvision ResNet, with its classifier fc")
     stem = arrays.get("conv1.weight")
     if stem is None or stem.shape[2:] != (7, 7):
         raise WeightsError(f"import_torchvision_resnet: expected the 7x7 stem conv1.weight "
@@ -647,6 +697,11 @@ def _gpt2_config(config: Any, num_heads: int | None, norm_epsilon: float | None
             raise WeightsError(f"import_hf_gpt2: the config's activation_function is "
                                f"{activation!r}; fnn's GPT-2 import has the tanh GELU "
                                f"('gelu_new')")
+        for option, fnn_has in (("scale_attn_weights", True), ("add_cross_attention", False),
+                                ("scale_attn_by_inverse_layer_idx", False)):
+            if get(option, fnn_has) != fnn_has:  # attention other than fnn's GPT computes
+                raise WeightsError(f"import_hf_gpt2: the config's {option} is "
+                                   f"{get(option)!r}; fnn's GPT has {fnn_has}")
         num_heads = get("n_head") if num_heads is None else num_heads
         norm_epsilon = get("layer_norm_epsilon", 1e-5) if norm_epsilon is None else norm_epsilon
     if num_heads is None:
@@ -672,7 +727,7 @@ def import_hf_gpt2(state_dict: Mapping[str, Any], config: Any = None, *,
     from fnn.models import GPT
 
     num_heads, norm_epsilon = _gpt2_config(config, num_heads, norm_epsilon)
-    arrays = {name: numpy_array(v) for name, v in state_dict.items()}
+    arrays = _float32(state_dict)
     prefix = "transformer." if "transformer.wte.weight" in arrays else ""
     if f"{prefix}wte.weight" not in arrays:
         raise WeightsError("import_hf_gpt2: expected a GPT-2 state_dict with "
@@ -703,6 +758,9 @@ def export_hf_gpt2(params: dict) -> Arrays:
     the inverse of :func:`import_hf_gpt2`. ``lm_head.weight`` is written (the token table when
     tied), as ``GPT2LMHeadModel.state_dict()`` has it."""
     num_layers, _, num_heads, _ = params["blocks"]["layers"]["attention"]["query"]["w"].shape
+    if "b" not in params["blocks"]["layers"]["attention"]["query"]:
+        raise WeightsError("export_hf_gpt2: GPT-2 has biases in every projection; this GPT was "
+                           "built with use_bias=False")
     tied = "head" not in params
     if not tied and np.any(np.asarray(params["head"].get("b", 0))):
         raise WeightsError("export_hf_gpt2: GPT-2's lm_head has no bias, and this model's head "

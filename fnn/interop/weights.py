@@ -5,7 +5,7 @@ A tree ``{"encoder": {"0": {"w": ..., "b": ...}}}`` is written as the flat entri
 ml_dtypes types included) and shape. The files are those every other tool reads: a
 ``.safetensors`` file written here loads in ``safetensors.torch.load_file`` and Hugging Face, and a
 file from ``safetensors.torch.save_file`` (a PyTorch ``state_dict``) loads here as flat entries
-(:func:`read_safetensors`), ready for the PyTorch importers of :mod:`fnn.interop.torch`.
+(:func:`read_safetensors`), ready for the PyTorch importers of :mod:`fnn.interop.pytorch`.
 
 Loading into a model checks what it reads against ``like`` (the model's params, or anything of
 the same structure, e.g. ``jax.eval_shape`` of its ``init``), as checkpoints do: every entry
@@ -23,6 +23,7 @@ import json
 import os
 import pathlib
 import tempfile
+import zipfile
 from typing import Any, Callable, Iterable, Mapping
 
 import jax
@@ -128,6 +129,7 @@ def write_atomically(path: pathlib.Path, write: Callable[[Any], None], overwrite
         raise FileNotFoundError(f"{path.parent} is not a directory")
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.fchmod(fd, 0o666 & ~_umask())  # a plain file's mode, not mkstemp's private 0600
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
@@ -136,6 +138,18 @@ def write_atomically(path: pathlib.Path, write: Callable[[Any], None], overwrite
     except BaseException:
         pathlib.Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _little_endian(array: np.ndarray) -> np.ndarray:
+    """``array`` in C order and little-endian bytes, as both formats store them."""
+    array = np.asarray(array, order="C")  # (ascontiguousarray would make scalars 1-d)
+    return array.astype(array.dtype.newbyteorder("<")) if array.dtype.byteorder == ">" else array
 
 
 def _dtype_name(name: str, dtype: np.dtype) -> str:
@@ -154,9 +168,7 @@ def _safetensors_bytes(flat: Mapping[str, np.ndarray], metadata: Mapping[str, st
         header["__metadata__"] = dict(metadata)
     offset, data = 0, []
     for name, array in flat.items():
-        array = np.asarray(array, order="C")  # (ascontiguousarray would make scalars 1-d)
-        if array.dtype.byteorder == ">":
-            array = array.astype(array.dtype.newbyteorder("<"))
+        array = _little_endian(array)
         header[name] = {"dtype": _dtype_name(name, array.dtype), "shape": list(array.shape),
                         "data_offsets": [offset, offset + array.nbytes]}
         offset += array.nbytes
@@ -226,7 +238,10 @@ def save_safetensors(path: str | os.PathLike, tree: Any, *,
             raise FileExistsError(f"{target} exists: pass overwrite=True to replace it")
     for name, shard in zip(names, shards):
         _write_safetensors(path.parent / name, shard, metadata, overwrite=True)
-    index = {"metadata": {"total_size": total} | dict(metadata or {}),
+    if "total_size" in (metadata or {}):
+        raise WeightsError("metadata: 'total_size' is the index's own entry (the bytes of all "
+                           "shards)")
+    index = {"metadata": dict(metadata or {}) | {"total_size": total},
              "weight_map": {entry: name for name, shard in zip(names, shards) for entry in shard}}
     write_atomically(index_path, lambda f: f.write(json.dumps(index, indent=2).encode()),
                       overwrite=True)
@@ -306,9 +321,16 @@ def read_safetensors(path: str | os.PathLike) -> dict[str, np.ndarray]:
     return _read_one(path)[0]
 
 
-def read_safetensors_metadata(path: str | os.PathLike) -> dict[str, str]:
-    """The ``__metadata__`` of a safetensors file's header (``{}`` if it has none)."""
-    return _read_one(pathlib.Path(path))[1]
+def read_safetensors_metadata(path: str | os.PathLike) -> dict[str, Any]:
+    """The ``__metadata__`` of a safetensors file's header (``{}`` if it has none), or the
+    ``metadata`` of a ``*.safetensors.index.json``."""
+    path = pathlib.Path(path)
+    if path.name.endswith(".json"):
+        try:
+            return dict(json.loads(path.read_text()).get("metadata") or {})
+        except (UnicodeDecodeError, json.JSONDecodeError, AttributeError, TypeError) as e:
+            raise WeightsError(f"{path}: not a safetensors index: {e}") from None
+    return _read_one(path)[1]
 
 
 def load_safetensors(path: str | os.PathLike, like: Any = None) -> Any:
@@ -330,14 +352,25 @@ def save_npz(path: str | os.PathLike, tree: Any, *, overwrite: bool = False) -> 
         raise WeightsError(f"the entry name {_NPZ_DTYPES!r} is reserved")
     arrays, extended = {}, {}
     for name, array in flat.items():
-        if array.dtype in _NAMES and array.dtype.kind == "V":  # an ml_dtypes type
-            extended[name] = _NAMES[array.dtype]
+        array = _little_endian(array)
+        if array.dtype.kind == "V":  # an ml_dtypes type: stored as its bits
+            extended[name] = _dtype_name(name, array.dtype)
             array = array.view(np.dtype(f"u{array.dtype.itemsize}"))
         arrays[name] = array
     if extended:
         arrays[_NPZ_DTYPES] = np.array(json.dumps(extended))
-    write_atomically(path, lambda f: np.savez(f, **arrays), overwrite)
+    write_atomically(path, lambda f: _write_npz(f, arrays), overwrite)
     return path
+
+
+def _write_npz(f, arrays: Mapping[str, np.ndarray]) -> None:
+    """The archive ``np.savez`` writes (``NAME.npy`` entries, uncompressed), entry by entry:
+    ``np.savez(f, **arrays)`` would take an entry named ``file`` or ``allow_pickle`` as its own
+    argument."""
+    with zipfile.ZipFile(f, "w", zipfile.ZIP_STORED, allowZip64=True) as archive:
+        for name, array in arrays.items():
+            with archive.open(name + ".npy", "w", force_zip64=True) as entry:
+                np.lib.format.write_array(entry, array, allow_pickle=False)
 
 
 def read_npz(path: str | os.PathLike) -> dict[str, np.ndarray]:

@@ -59,7 +59,7 @@ def _block(name: str, num_heads: int, hidden_features: int, *, cross: bool, caus
     check_rate(name, "dropout", dropout)
     check_rate(name, "attention_dropout", attention_dropout)
     if not isinstance(norm_first, bool):
-        raise ValueError(f"{name}: norm_first must be True or False, got {norm_first!r}")
+        raise TypeError(f"{name}: norm_first must be True or False, got {norm_first!r}")
     mha = dict(num_kv_heads=num_kv_heads, use_bias=use_bias, dropout=attention_dropout,
                implementation=implementation)
     # (norm, body, residual dropout) of each residual branch, in order

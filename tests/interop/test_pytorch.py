@@ -457,3 +457,49 @@ def test_gpt2_needs_its_head_count_and_activation():
         import_hf_gpt2(m.state_dict(), num_heads=5)
     with pytest.raises(WeightsError, match="activation_function is 'relu'"):
         import_hf_gpt2(m.state_dict(), m.config.to_dict() | {"activation_function": "relu"})
+
+
+def test_to_torch_refuses_leaves_torch_has_no_entry_for():
+    adapted = fnn.lora(fnn.serial(fnn.Dense(4), fnn.Relu(), fnn.Dense(2)), rank=2)
+    params, state = adapted.init(jax.random.key(0), jnp.zeros((1, 3)))
+    layout = {"0": Rule("linear", "0."), "2": Rule("linear", "2.")}
+    with pytest.raises(WeightsError, match=r"fnn path '0': torch has no entry for "
+                                           r"params/lora_a, params/lora_b \(LoRA adapters: fold "
+                                           r"them in with fnn.merge_lora first\)"):
+        to_torch(params, state, layout)
+    merged = to_torch(fnn.merge_lora(params, alpha=None), state, layout)
+    assert sorted(merged) == ["0.bias", "0.weight", "2.bias", "2.weight"]
+    bn = {"scale": np.ones(3), "b": np.zeros(3)}
+    extra_state = {"mean": np.zeros(3), "var": np.ones(3), "count": np.zeros(3)}
+    with pytest.raises(WeightsError, match="torch has no entry for state/count"):
+        to_torch({"bn": bn}, {"bn": extra_state}, {"bn": Rule("batch_norm", "")})
+
+
+def test_a_stacked_rule_must_count_every_copy():
+    model = fnn.repeat(fnn.Dense(4), 3)
+    params, _ = model.init(jax.random.key(0), jnp.zeros((1, 4)))
+    with pytest.raises(WeightsError, match=r"count=2, but the params there are stacked \[3\]"):
+        to_torch(params, {}, {"layers": Rule("linear", "h.{i}.", count=2)})
+    with pytest.raises(ValueError, match="count must be a positive int, got 0"):
+        to_torch(params, {}, {"layers": Rule("linear", "h.{i}.", count=0)})
+    out = to_torch(params, {}, {"layers": Rule("linear", "h.{i}.", count=3)})
+    assert sorted(out) == [f"h.{i}.{n}" for i in range(3) for n in ("bias", "weight")]
+
+
+def test_gpt2_configs_of_other_attention_are_refused_and_bfloat16_weights_read_as_float32():
+    m = _hf_gpt2(True)
+    for option, value in (("scale_attn_by_inverse_layer_idx", True),
+                          ("scale_attn_weights", False), ("add_cross_attention", True)):
+        with pytest.raises(WeightsError, match=f"the config's {option} is {value}"):
+            import_hf_gpt2(m.state_dict(), m.config.to_dict() | {option: value})
+    half = {k: v.to(torch.bfloat16) for k, v in m.state_dict().items()}
+    model, params = import_hf_gpt2(half, m.config)
+    assert params["embed"]["table"].dtype == jnp.float32
+    np.testing.assert_array_equal(params["embed"]["table"],
+                                  half["transformer.wte.weight"].float().numpy())
+    plain = fnn.models.GPT(61, features=32, num_heads=4, num_layers=1, hidden_features=64,
+                           max_length=8, use_bias=False, activation="gelu_tanh",
+                           tie_embeddings=True)
+    no_bias, _ = plain.init(jax.random.key(0), jnp.zeros((1, 4), jnp.int32))
+    with pytest.raises(WeightsError, match="GPT-2 has biases in every projection"):
+        export_hf_gpt2(no_bias)

@@ -199,3 +199,40 @@ def _saved(tmp_path, flat):
     path = tmp_path / "flat.safetensors"
     save_safetensors(path, flat)
     return path
+
+
+def test_npz_keeps_entries_named_like_numpys_arguments_and_big_endian_arrays(tmp_path):
+    tree = {"file": np.arange(3, dtype=">f4"), "allow_pickle": np.ones(2, np.int16)}
+    save_npz(tmp_path / "w.npz", tree)
+    back = load_npz(tmp_path / "w.npz", like={"file": np.zeros(3, np.float32),
+                                               "allow_pickle": np.zeros(2, np.int16)})
+    np.testing.assert_array_equal(back["file"], [0, 1, 2])
+    assert back["file"].dtype == np.float32 and back["allow_pickle"].tolist() == [1, 1]
+
+
+def test_dtypes_neither_format_names_are_refused(tmp_path):
+    odd = {"q": np.zeros(4, ml_dtypes.int4)}
+    with pytest.raises(WeightsError, match="entry 'q': safetensors has no dtype for int4"):
+        save_npz(tmp_path / "w.npz", odd)
+    with pytest.raises(WeightsError, match="entry 'q': safetensors has no dtype for int4"):
+        save_safetensors(tmp_path / "w.safetensors", odd)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_files_get_a_plain_files_permissions(tmp_path):
+    plain = tmp_path / "plain"
+    plain.write_bytes(b"")
+    save_safetensors(tmp_path / "w.safetensors", {"a": np.zeros(1)})
+    save_npz(tmp_path / "w.npz", {"a": np.zeros(1)})
+    for name in ("w.safetensors", "w.npz"):
+        assert (tmp_path / name).stat().st_mode == plain.stat().st_mode
+
+
+def test_index_metadata(tmp_path):
+    save_safetensors(tmp_path / "m.safetensors", {"a": np.zeros(4), "b": np.zeros(4)},
+                     metadata={"format": "np"}, max_shard_bytes=32)
+    meta = read_safetensors_metadata(tmp_path / "m.safetensors.index.json")
+    assert meta == {"format": "np", "total_size": 64}
+    with pytest.raises(WeightsError, match="'total_size' is the index's own entry"):
+        save_safetensors(tmp_path / "n.safetensors", {"a": np.zeros(4), "b": np.zeros(4)},
+                         metadata={"total_size": "x"}, max_shard_bytes=32)

@@ -169,7 +169,7 @@ def test_post_norm_blocks_match_the_post_norm_reference(key, make):
     np.testing.assert_allclose(f64(y), ref, **TOL)
     pre, _ = run(make(2, 16), params, x)
     assert not np.allclose(f64(pre), ref, atol=1e-3)
-    with pytest.raises(ValueError, match="norm_first must be True or False, got 'post'"):
+    with pytest.raises(TypeError, match="norm_first must be True or False, got 'post'"):
         make(2, 16, norm_first="post")
 
 

@@ -54,7 +54,8 @@ Conventions that differ from PyTorch (what a porting user must set or know):
 - **Conv padding**: fnn's default is ``"SAME"``, torch's ``0`` (``"VALID"``); pass torch's
   ``padding`` as an int (or pairs) to fnn's ``Conv``.
 - **BatchNorm**: fnn's ``momentum`` is the weight of the old statistics: torch's ``momentum=0.1``
-  is fnn's ``momentum=0.9`` (fnn's default is ``0.99``, Flax's; the ResNet importer sets 0.9). The running variance fnn keeps is updated with the *biased* batch
+  is fnn's ``momentum=0.9`` (fnn's default is ``0.99``, Flax's; the ResNet importer sets 0.9).
+  The running variance fnn keeps is updated with the *biased* batch
   variance (as Flax and Haiku), torch's with the unbiased one (``n / (n - 1)`` larger): imported
   statistics give the same outputs in evaluation, and in training the outputs are the same (both
   normalise with the biased batch variance) but the updated running variance differs by that
@@ -560,9 +561,8 @@ def from_torch(state_dict: Mapping[str, Any], layout: Mapping[str, Rule], *,
                                                           if len(unread) > 12 else ""))
     if like is None:
         return params, state
-    fitted = fit_to(flatten({"params": params, "state": state}),
-                    {"params": like[0], "state": like[1]}, source="from_torch")
-    return fitted["params"], fitted["state"]
+    return (fit_to(flatten(params), like[0], source="from_torch: params"),
+            fit_to(flatten(state), like[1], source="from_torch: state"))
 
 
 def to_torch(params: Any, state: Any, layout: Mapping[str, Rule], **options) -> Arrays:
@@ -633,7 +633,8 @@ def _drop_optional_shortcuts(layout: dict[str, Rule], names: set[str]) -> dict[s
 def import_torchvision_resnet(state_dict: Mapping[str, Any]) -> tuple[Layer, dict, dict]:
     """An :func:`fnn.models.ResNet` with the weights of a torchvision ResNet's ``state_dict``
     (``resnet18``, ``resnet34``, ``resnet50``, ``resnet101``, ``resnet152``, any
-    ``num_classes``; floating entries are read as float32): returns ``(model, params, state)``. The model takes channels-last images
+    ``num_classes``; floating entries are read as float32): returns ``(model, params,
+    state)``. The model takes channels-last images
     ``[N, H, W, 3]`` (torch's ``x.permute(0, 2, 3, 1)``) and gives the same logits as torch in
     evaluation and in training (batch statistics; see the BatchNorm note in this module's
     docs). Its BatchNorm momentum is torchvision's (0.1, fnn's ``momentum=0.9``)."""

@@ -24,12 +24,13 @@ import os
 import pathlib
 import tempfile
 import zipfile
-from typing import Any, Callable, Iterable, Mapping
+from typing import Any, Callable, Mapping
 
 import jax
 import ml_dtypes
 import numpy as np
 
+from fnn.core import describe
 from fnn.train.groups import leaf_path
 
 # safetensors' dtype names (the format's specification), and their numpy types
@@ -85,10 +86,6 @@ def unflatten(flat: Mapping[str, Any]) -> dict:
     return tree
 
 
-def _describe(shape: Iterable[int], dtype: Any) -> str:
-    return f"{np.dtype(dtype).name}[{', '.join(map(str, shape))}]"
-
-
 def fit_to(flat: Mapping[str, np.ndarray], like: Any, *, source: str) -> Any:
     """The tree of ``like``'s structure whose leaves are the entries of ``flat`` of the same
     names, as ``jax.Array``\\ s. Raises :class:`WeightsError` naming ``source`` and the entry when
@@ -104,10 +101,9 @@ def fit_to(flat: Mapping[str, np.ndarray], like: Any, *, source: str) -> Any:
     out = []
     for name, (_, leaf) in zip(names, leaves):
         value = flat[name]
-        expected = (tuple(leaf.shape), np.dtype(leaf.dtype))
-        if (value.shape, value.dtype) != expected:
-            raise WeightsError(f"{source}: entry {name!r}: expected {_describe(*expected)}, "
-                               f"got {_describe(value.shape, value.dtype)}")
+        if (value.shape, value.dtype) != (tuple(leaf.shape), np.dtype(leaf.dtype)):
+            raise WeightsError(f"{source}: entry {name!r}: expected {describe(leaf)}, "
+                               f"got {describe(value)}")
         out.append(jax.numpy.asarray(value))
     return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(like), out)
 
@@ -278,9 +274,10 @@ def _entry(path: pathlib.Path, name: str, info: Any, data: np.ndarray, start: in
                            f"dtypes: {', '.join(_DTYPES)})") from None
     size = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
     if end - begin != size or begin < 0 or start + end > data.size:
-        raise WeightsError(f"{path}: entry {name!r} ({_describe(shape, dtype)}, {size} bytes) "
-                           f"does not fit its data offsets [{begin}, {end}] in a file of "
-                           f"{data.size} bytes (truncated?)")
+        spec = describe(jax.ShapeDtypeStruct(shape, dtype))
+        raise WeightsError(f"{path}: entry {name!r} ({spec}, {size} bytes) does not fit its "
+                           f"data offsets [{begin}, {end}] in a file of {data.size} bytes "
+                           f"(truncated?)")
     return data[start + begin:start + end].view(dtype).reshape(shape).copy()
 
 

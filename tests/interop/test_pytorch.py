@@ -317,8 +317,8 @@ def test_layout_mistakes_are_named():
 def test_the_model_check_names_a_shape_mismatch():
     m = nn.Linear(3, 4)
     like = jax.eval_shape(fnn.Dense(5).init, jax.random.key(0), jnp.zeros((1, 3)))
-    with pytest.raises(WeightsError, match=r"'params/fc/b': expected float32\[5\], got "
-                                           r"float32\[4\]"):
+    with pytest.raises(WeightsError, match=r"from_torch: params: entry 'fc/b': expected "
+                                           r"float32\[5\], got float32\[4\]"):
         from_torch(m.state_dict(), {"fc": Rule("linear", "")}, like=({"fc": like[0]}, {}))
 
 

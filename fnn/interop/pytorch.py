@@ -23,9 +23,12 @@ Families (:data:`FAMILIES`) and their layout rules, torch -> fnn:
   ``[in, out]``), ``b = bias``.
 - ``conv`` (``nn.Conv1d/2d/3d``): ``weight [out, in / groups, *kernel] -> w [*kernel,
   in / groups, out]`` (channels-last); ``groups`` is fnn's ``feature_group_count``.
-- ``conv_transpose`` (``nn.ConvTranspose1d/2d/3d``, ``groups=1``): ``weight [in, out, *kernel]
-  -> w [*kernel, in, out]``. torch's ``padding=p, output_padding=q`` is fnn's
-  ``padding=[(p, p - q)] * n`` (the output cropped by ``p`` below and ``p - q`` above).
+- ``conv_transpose`` (``nn.ConvTranspose1d/2d/3d``, option ``groups``, default 1):
+  ``weight [in, out / groups, *kernel] -> w [*kernel, in / groups, out]`` (each group's block
+  moved to its own output columns, Conv's layout); ``groups`` is fnn's
+  ``feature_group_count``, and must be given (the weight's shape does not tell it). torch's
+  ``padding=p, output_padding=q`` is fnn's ``padding=[(p, p - q)] * n`` (the output cropped by
+  ``p`` below and ``p - q`` above).
 - ``batch_norm`` (``nn.BatchNorm1d/2d/3d``): ``weight, bias -> scale, b``;
   ``running_mean, running_var -> state mean, var``.
 - ``layer_norm``, ``group_norm``, ``rms_norm``: ``weight -> scale``, ``bias -> b``.
@@ -73,8 +76,10 @@ Conventions that differ from PyTorch (what a porting user must set or know):
   ``activation=`` to match.
 - **What a state_dict does not hold** must be matched by hand when building the fnn model:
   ``nn.RNN(nonlinearity="relu")`` (``SimpleRNNCell(activation=...)``), a conv's
-  ``padding_mode`` other than zeros, ``MultiheadAttention(add_zero_attn=True)`` (no fnn
-  equivalent), and every size that the weights do not show (strides, paddings, head counts).
+  ``padding_mode`` other than zeros (``Pad(p, mode=...)`` before a ``padding="VALID"`` conv,
+  the same mode names), a transposed conv's ``groups`` (the option above),
+  ``MultiheadAttention(add_zero_attn=True)`` (no fnn equivalent), and every size that the
+  weights do not show (strides, paddings, head counts).
 """
 
 from __future__ import annotations
@@ -189,26 +194,57 @@ def _conv1d_hf_to_torch(params, state):
     return {"weight": params["w"], "bias": params["b"]}
 
 
-def _kernel_axes(ndim: int, torch_first: bool) -> tuple[int, ...]:
-    """The permutation between torch's ``[A, B, *kernel]`` and fnn's ``[*kernel, B, A]``
-    (``torch_first``) or ``[*kernel, A, B]``."""
-    spatial = tuple(range(2, ndim))
-    return spatial + ((1, 0) if torch_first else (0, 1))
+def _kernel_axes(ndim: int) -> tuple[int, ...]:
+    """The permutation from torch's ``[out, in, *kernel]`` to fnn's ``[*kernel, in, out]``."""
+    return tuple(range(2, ndim)) + (1, 0)
 
 
-def _conv_to_fnn(e, transpose=False):
+def _conv_weight(e) -> np.ndarray:
     w = e("weight")
     if w.ndim not in (3, 4, 5):
         raise WeightsError(f"{e.rule}: expected a weight [out, in, *kernel] of 1-3 spatial "
                            f"dimensions, got shape {w.shape}")
-    return _with_bias({"w": w.transpose(_kernel_axes(w.ndim, not transpose))},
-                      e.optional("bias")), {}
+    return w
 
 
-def _conv_to_torch(params, state, transpose=False):
+def _conv_to_fnn(e):
+    w = _conv_weight(e)
+    return _with_bias({"w": w.transpose(_kernel_axes(w.ndim))}, e.optional("bias")), {}
+
+
+def _conv_to_torch(params, state):
     w = params["w"]
-    axes = _kernel_axes(w.ndim, not transpose)
-    return _with_bias({"weight": w.transpose(np.argsort(axes))}, params.get("b"), "bias")
+    return _with_bias({"weight": w.transpose(np.argsort(_kernel_axes(w.ndim)))}, params.get("b"),
+                      "bias")
+
+
+def _check_groups(where: str, groups: Any, channels: int, what: str) -> None:
+    if not isinstance(groups, int) or isinstance(groups, bool) or groups < 1 or channels % groups:
+        raise WeightsError(f"{where}: groups must be a positive divisor of the {what} "
+                           f"{channels}, got {groups!r}")
+
+
+def _conv_transpose_to_fnn(e, groups=1):
+    """torch ``[in, out / groups, *kernel]`` -> fnn ``[*kernel, in / groups, out]``: group
+    ``g``'s block ``[in / groups, out / groups]`` moves to the columns ``g * out / groups ...``
+    of fnn's kernel (:func:`~fnn.layers.ConvTranspose`'s layout, Conv's)."""
+    w = _conv_weight(e)
+    _check_groups(e.rule, groups, w.shape[0], "weight's input channels")
+    n = w.ndim - 2
+    # [groups, in / groups, out / groups, *kernel] -> [*kernel, in / groups, groups, out / groups]
+    w = w.reshape((groups, w.shape[0] // groups) + w.shape[1:])
+    w = w.transpose(tuple(range(3, 3 + n)) + (1, 0, 2))
+    return _with_bias({"w": w.reshape(w.shape[:n + 1] + (-1,))}, e.optional("bias")), {}
+
+
+def _conv_transpose_to_torch(params, state, groups=1):
+    w = params["w"]
+    n = w.ndim - 2
+    _check_groups("to_torch: conv_transpose", groups, w.shape[-1], "kernel's output channels")
+    # [*kernel, in / groups, groups, out / groups] -> [groups, in / groups, out / groups, *kernel]
+    w = w.reshape(w.shape[:n + 1] + (groups, w.shape[-1] // groups))
+    w = w.transpose((n + 1, n, n + 2) + tuple(range(n)))
+    return _with_bias({"weight": w.reshape((-1,) + w.shape[2:])}, params.get("b"), "bias")
 
 
 def _batch_norm_to_fnn(e):
@@ -383,7 +419,7 @@ FAMILIES: dict[str, Family] = {
     "linear": _family(_linear_to_fnn, _linear_to_torch),
     "conv1d_hf": _family(_conv1d_hf_to_fnn, _conv1d_hf_to_torch),
     "conv": _family(_conv_to_fnn, _conv_to_torch),
-    "conv_transpose": _family(_conv_to_fnn, _conv_to_torch, transpose=True),
+    "conv_transpose": _family(_conv_transpose_to_fnn, _conv_transpose_to_torch, ("groups",)),
     "batch_norm": _family(_batch_norm_to_fnn, _batch_norm_to_torch),
     "layer_norm": _family(_norm_to_fnn, lambda p, s: _affine_to_torch(p)),
     "group_norm": _family(_norm_to_fnn, lambda p, s: _affine_to_torch(p)),

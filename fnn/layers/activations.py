@@ -1,16 +1,18 @@
-"""Activation functions as parameter-free layers: ``serial(Dense(64), Relu(), Dense(10))``.
+"""Activation functions as layers: ``serial(Dense(64), Relu(), Dense(10))``. All but
+:func:`PReLU` (a learned slope) are parameter-free.
 
 All are position-wise: a :class:`~fnn.core.Seq` passes through with its array replaced.
 """
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
 
-from fnn.core import Layer, check_rank, expect_params, per_position, where
+from fnn.core import (Layer, align, check_floating, check_rank, compute_dtype, expect_params,
+                      per_position, shape_error, where)
 
 
 def Lambda(fn: Callable[[jax.Array], jax.Array], name: str = "Lambda") -> Layer:
@@ -104,6 +106,41 @@ def Sigmoid() -> Layer:
 def Softplus() -> Layer:
     """``log(1 + exp(x))``, elementwise. ``x: [...] -> [...]``."""
     return _elementwise("Softplus", jax.nn.softplus)
+
+
+def PReLU(*, per_channel: bool = False, init: float = 0.25, param_dtype: Any = jnp.float32,
+          dtype: Any = None) -> Layer:
+    """``x if x > 0 else slope * x`` with a learned ``slope``, elementwise (PyTorch's
+    ``nn.PReLU``). ``x: [...] -> [...]``; params ``{"slope": []}``, one slope for every
+    element (``nn.PReLU()``), or with ``per_channel`` ``{"slope": [C]}``, one per channel of
+    the last axis (``nn.PReLU(num_parameters=C)``, whose channels are on axis 1 of NCHW).
+    Each slope starts at ``init``. Position-wise: a ``Seq`` passes through."""
+    name = "PReLU"
+
+    def check(x, channels: int | str) -> None:
+        expected = f"[..., {channels}]" if per_channel else "[...]"
+        if not per_channel and not hasattr(x, "dtype"):
+            raise TypeError(f"{where(name)}: expected an array, got {type(x).__name__}")
+        if per_channel:
+            check_rank(name, x, 1, expected)
+            if isinstance(channels, int) and x.shape[-1] != channels:
+                raise shape_error(name, expected, x)
+        check_floating(name, x, expected)
+
+    def init_params(key, x):
+        check(x, "channels")
+        return {"slope": jnp.full(x.shape[-1:] if per_channel else (), init, param_dtype)}, {}
+
+    def apply(params, state, x, *, key=None, train=False):
+        expect_params(name, params, {"slope": ("channels",) if per_channel else ()})
+        check(x, params["slope"].shape[0] if per_channel else "channels")
+        dt = compute_dtype(dtype, x, param_dtype)
+        x = x.astype(dt)
+        slope = align(params["slope"].astype(dt), x.ndim)
+        # x > 0, not >=: at 0 the gradient is the slope's, as in PyTorch
+        return jnp.where(x > 0, x, slope * x), state
+
+    return per_position(Layer(init_params, apply, name))
 
 
 def _along_axis(name: str, fn: Callable[..., jax.Array], axis: int) -> Layer:

@@ -1,4 +1,5 @@
-"""Convolutions over 1, 2 or 3 spatial dimensions, channels-last.
+"""Convolutions over 1, 2 or 3 spatial dimensions, channels-last: Conv, SeparableConv,
+ConvTranspose.
 
 Layout: inputs are ``[..., *spatial, in_features]`` (NWC, NHWC or NDHWC, with any number of
 leading batch axes, none included), kernels ``[*kernel_size, in_features // groups, features]``
@@ -18,8 +19,8 @@ import jax.numpy as jnp
 from jax import lax
 from jax.nn import initializers
 
-from fnn.core import (Initializer, Layer, align, check_rank, compute_dtype, expect_params,
-                      shape_error)
+from fnn.core import (Children, Initializer, Layer, ParamError, align, check_rank,
+                      compute_dtype, expect_params, shape_error, where)
 
 Padding = str | int | Sequence[tuple[int, int]]
 
@@ -175,10 +176,83 @@ def Conv(features: int, kernel_size: int | Sequence[int], *, strides: int | Sequ
     return Layer(init, apply, "Conv")
 
 
-def ConvTranspose(features: int, kernel_size: int | Sequence[int], *,
+def SeparableConv(features: int, kernel_size: int | Sequence[int], *, depth_multiplier: int = 1,
                   strides: int | Sequence[int] = 1, padding: Padding = "SAME",
                   dilation: int | Sequence[int] = 1, use_bias: bool = True,
                   w_init: Initializer = initializers.lecun_normal(),
+                  b_init: Initializer = initializers.zeros,
+                  param_dtype: Any = jnp.float32, dtype: Any = None) -> Layer:
+    """Depthwise-separable convolution (MobileNet, Xception): a depthwise :func:`Conv` (each
+    input channel convolved on its own into ``depth_multiplier`` channels, no bias) followed by
+    a 1x1 pointwise :func:`Conv` to ``features``.
+
+    Shapes: ``x: [..., *spatial, in_features] -> [..., *out_spatial, features]``, the spatial
+    sizes as :func:`Conv`'s with the same ``kernel_size``, ``strides``, ``padding`` and
+    ``dilation`` (which apply to the depthwise step). Params ``{"depthwise": {"w":
+    [*kernel_size, 1, in_features * depth_multiplier]}, "pointwise": {"w": [1, ..., 1,
+    in_features * depth_multiplier, features], "b": [features]}}``; depthwise output channel
+    ``c * depth_multiplier + m`` is the ``m``-th of input channel ``c`` (PyTorch's
+    ``Conv2d(in, in * depth_multiplier, k, groups=in)`` then ``Conv2d(..., features, 1)``).
+
+    >>> import jax, jax.numpy as jnp
+    >>> layer = SeparableConv(8, (3, 3), depth_multiplier=2)
+    >>> params, _ = layer.init(jax.random.key(0), jnp.zeros((1, 5, 5, 3)))
+    >>> jax.tree.map(jnp.shape, params)
+    {'depthwise': {'w': (3, 3, 1, 6)}, 'pointwise': {'b': (8,), 'w': (1, 1, 6, 8)}}
+    """
+    name = "SeparableConv"
+    kernel = _settings(name, features, kernel_size, strides, padding, dilation)[0]
+    multiplier = _tuple(name, "depth_multiplier", depth_multiplier, 1)[0]
+    n = len(kernel)
+    shared = dict(w_init=w_init, param_dtype=param_dtype, dtype=dtype)
+    expected = f"[..., {n} spatial axes, in_features]"
+
+    def parts(in_features: int) -> Children:
+        mid = in_features * multiplier
+        return Children(name, depthwise=Conv(mid, kernel, strides=strides, padding=padding,
+                                             dilation=dilation, feature_group_count=in_features,
+                                             use_bias=False, **shared),
+                        pointwise=Conv(features, (1,) * n, padding="VALID", use_bias=use_bias,
+                                       b_init=b_init, **shared))
+
+    def expected_params(mid: int | str) -> dict:
+        pointwise = {"w": (1,) * n + (mid, features)} | ({"b": (features,)} if use_bias else {})
+        return {"depthwise": {"w": kernel + (1, mid)}, "pointwise": pointwise}
+
+    def init(key, x):
+        check_rank(name, x, n + 1, expected)
+        child = parts(x.shape[-1]).initializer(key)
+        child("pointwise", child("depthwise", x))
+        return child.params, {}
+
+    def apply(params, state, x, *, key=None, train=False):
+        expect_params(name, params, expected_params("in_features * depth_multiplier"))
+        mid = params["depthwise"]["w"].shape[-1]
+        expect_params(name, params, expected_params(mid))
+        if mid % multiplier:
+            raise ParamError(f"{where(name)}: the depthwise kernel's {mid} channels are not "
+                             f"in_features * depth_multiplier={multiplier}")
+        check_rank(name, x, n + 1, expected)
+        if x.shape[-1] != mid // multiplier:
+            raise shape_error(name, f"[..., {n} spatial axes, {mid // multiplier}]", x)
+        child = parts(x.shape[-1]).runner(params, state, key, train)
+        return child("pointwise", child("depthwise", x)), state
+
+    return Layer(init, apply, name)
+
+
+def _transpose_same_pads(kernel: int, stride: int) -> tuple[int, int]:
+    """The padding of the stride-dilated input that gives ``"SAME"``'s ``in * stride`` outputs
+    (``kernel`` the dilated kernel), as ``lax.conv_transpose`` pads it."""
+    total = kernel + stride - 2
+    low = kernel - 1 if stride > kernel - 1 else -(-total // 2)
+    return low, total - low
+
+
+def ConvTranspose(features: int, kernel_size: int | Sequence[int], *,
+                  strides: int | Sequence[int] = 1, padding: Padding = "SAME",
+                  dilation: int | Sequence[int] = 1, feature_group_count: int = 1,
+                  use_bias: bool = True, w_init: Initializer = initializers.lecun_normal(),
                   b_init: Initializer = initializers.zeros,
                   param_dtype: Any = jnp.float32, dtype: Any = None) -> Layer:
     """Transposed convolution: every input position adds ``x[i] * w`` into the output at
@@ -188,12 +262,27 @@ def ConvTranspose(features: int, kernel_size: int | Sequence[int], *,
     ``out = in * strides`` for ``"SAME"`` and ``(in - 1) * strides + dilation * (kernel - 1) + 1``
     (the full output) for ``"VALID"``; an int or ``(low, high)`` pairs crop that many positions
     from each side of the full output (PyTorch's ``padding``). Params
-    ``{"w": [*kernel_size, in_features, features], "b": [features]}``.
+    ``{"w": [*kernel_size, in_features // feature_group_count, features], "b": [features]}``.
+
+    ``feature_group_count`` is PyTorch's ``groups``: the input and output channels are cut into
+    that many consecutive groups, and each group of outputs is computed from its group of
+    inputs alone. The kernel is laid out as :func:`Conv`'s: input channel ``g * in_g + a``
+    (``in_g = in_features // groups``) reaches output channel ``g * out_g + b`` through
+    ``w[..., a, g * out_g + b]``. (PyTorch's weight is ``[in_features, features // groups,
+    *kernel]``; ``fnn.interop.pytorch``'s ``conv_transpose`` family converts it, given
+    ``groups``.)
     """
     kernel, strides_, padding_, dilation_ = _settings("ConvTranspose", features, kernel_size,
                                                       strides, padding, dilation)
     n = len(kernel)
-    if padding_ != "SAME":
+    groups = _tuple("ConvTranspose", "feature_group_count", feature_group_count, 1)[0]
+    if features % groups:
+        raise ValueError(f"ConvTranspose: features ({features}) must be divisible by "
+                         f"feature_group_count ({groups})")
+    if padding_ == "SAME":
+        padding_ = [_transpose_same_pads(d * (k - 1) + 1, s)
+                    for k, d, s in zip(kernel, dilation_, strides_)]
+    else:
         # lax pads the stride-dilated input: the full output needs (dilated kernel - 1) on each
         # side, and cropping ``p`` from the output is padding ``p`` less.
         crops = [(0, 0)] * n if padding_ == "VALID" else padding_
@@ -201,27 +290,31 @@ def ConvTranspose(features: int, kernel_size: int | Sequence[int], *,
                     for k, d, (lo, hi) in zip(kernel, dilation_, crops)]
     dimension_numbers = _dimension_numbers(n)
     spatial_axes = tuple(range(n))
+    in_text = "in_features" if groups == 1 else "in_features // groups"
 
     def apply(params, state, x, *, key=None, train=False):
-        _check_call("ConvTranspose", params, x, kernel, "in_features", features, use_bias)
+        _check_call("ConvTranspose", params, x, kernel, in_text, features, use_bias)
         w = params["w"]
-        if x.shape[-1] != w.shape[-2]:
-            raise shape_error("ConvTranspose", f"[..., {n} spatial axes, {w.shape[-2]}]", x)
+        if x.shape[-1] != w.shape[-2] * groups:
+            raise shape_error("ConvTranspose", f"[..., {n} spatial axes, "
+                              f"{w.shape[-2] * groups}]", x)
         dt = compute_dtype(dtype, x, param_dtype)
-        # lax.conv_transpose correlates the dilated input with the kernel as given; flipping it
-        # gives the scatter form above, the true transpose of Conv.
+        # a convolution of the stride-dilated input with the flipped kernel (what
+        # lax.conv_transpose computes, here with groups): the scatter form above, the true
+        # transpose of Conv
         flipped = jnp.flip(w.astype(dt), axis=spatial_axes)
 
         def conv_t(xb):
-            return lax.conv_transpose(xb.astype(dt), flipped, strides_, padding_,
-                                      rhs_dilation=dilation_,
-                                      dimension_numbers=dimension_numbers)
+            return lax.conv_general_dilated(
+                xb.astype(dt), flipped, window_strides=(1,) * n, padding=padding_,
+                lhs_dilation=strides_, rhs_dilation=dilation_,
+                dimension_numbers=dimension_numbers, feature_group_count=groups)
 
         y = _one_batch_axis(conv_t, x, n)
         if use_bias:
             y = y + align(params["b"].astype(dt), y.ndim)
         return y, state
 
-    init = _conv_init("ConvTranspose", kernel, features, 1, use_bias, w_init, b_init,
+    init = _conv_init("ConvTranspose", kernel, features, groups, use_bias, w_init, b_init,
                       param_dtype)
     return Layer(init, apply, "ConvTranspose")

@@ -1,4 +1,4 @@
-"""Normalisation layers: BatchNorm, LayerNorm, GroupNorm, RMSNorm.
+"""Normalisation layers: BatchNorm, LayerNorm, GroupNorm, InstanceNorm, RMSNorm.
 
 Statistics are computed in at least float32 whatever the input dtype; the output has the compute
 dtype (``dtype``, default: the input's). Features are on the last axis (channels-last). Params
@@ -237,5 +237,48 @@ def GroupNorm(num_groups: int = 32, *, start_axis: int, epsilon: float = 1e-5,
         var = jnp.broadcast_to(var, var.shape[:-1] + (channels // num_groups,))
         flat = mean.shape[:-2] + (channels,)
         return _normalize(x, mean.reshape(flat), var.reshape(flat), params, epsilon, dtype), state
+
+    return Layer(init, apply, name)
+
+
+def InstanceNorm(*, start_axis: int, epsilon: float = 1e-5, use_scale: bool = True,
+                 use_bias: bool = True, param_dtype: Any = jnp.float32,
+                 dtype: Any = None) -> Layer:
+    """Normalises each example's channels one by one over the spatial axes (PyTorch's
+    ``nn.InstanceNorm1d/2d/3d(affine=True)`` without running statistics, biased variance).
+
+    Shapes: ``x: [*lead, *spatial, features] -> same``, where the spatial axes (at least one)
+    run from ``start_axis`` to the last but one; a negative ``start_axis`` counts from the end:
+    ``-3`` for images ``[..., H, W, C]`` (any batch axes, ``jax.vmap`` too), ``-2`` for signals
+    ``[..., L, C]``. No default, as for :func:`GroupNorm`: on ``[N, L, C]`` a default of ``-3``
+    would normalise over the batch without a word. Params ``{"scale", "b"}``, each
+    ``[features]``. The same as ``GroupNorm(features, start_axis=start_axis)``.
+    """
+    name = "InstanceNorm"
+    if not isinstance(start_axis, int) or isinstance(start_axis, bool):
+        raise TypeError(f"{name}: start_axis must be an int (-3 for [..., H, W, C]), got "
+                        f"{start_axis!r}")
+    expected = (f"[*lead, *spatial, features] with the spatial axes from axis {start_axis}"
+                if start_axis >= 0 else f"[..., {-start_axis - 1} spatial axes, features]")
+
+    def check(x):
+        check_rank(name, x, 2, expected)
+        start = start_axis + x.ndim if start_axis < 0 else start_axis
+        if not 0 <= start < x.ndim - 1:
+            raise shape_error(name, expected, x)
+        return start
+
+    def init(key, x):
+        check(x)
+        return _affine_params(x.shape[-1], use_scale, use_bias, param_dtype), {}
+
+    def apply(params, state, x, *, key=None, train=False):
+        axes = tuple(range(check(x), x.ndim - 1))
+        check_floating(name, x, expected)
+        expect_params(name, params, _expected(x.shape[-1], use_scale, use_bias))
+        xf = x.astype(at_least_float32(x.dtype))
+        mean = jnp.mean(xf, axes, keepdims=True)  # [*lead, 1, ..., features]
+        var = jnp.mean(jnp.square(xf - mean), axes, keepdims=True)
+        return _normalize(x, mean, var, params, epsilon, dtype), state
 
     return Layer(init, apply, name)

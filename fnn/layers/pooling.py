@@ -1,8 +1,11 @@
-"""Max and average pooling over 1, 2 or 3 spatial dimensions, and global pooling.
+"""Max and average pooling over 1, 2 or 3 spatial dimensions, adaptive pooling to a given
+output size, and global pooling.
 
 Inputs are channels-last, ``[..., *spatial, features]``, with any number of leading batch axes;
 the number of spatial dimensions is ``len(window)``. ``strides`` default to the window (no
 overlap). ``padding`` is ``"VALID"`` (default), ``"SAME"``, an int, or ``(low, high)`` pairs.
+Adaptive pooling takes ``output_size``: a tuple, one entry per spatial axis, or an int for two
+(``[..., H, W, C]`` images).
 """
 
 from __future__ import annotations
@@ -13,10 +16,11 @@ from typing import Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
-from fnn.core import (Layer, Seq, check_floating, check_rank, expect_params, seq_lengths,
-                      shape_error, valid_positions)
+from fnn.core import (Layer, Seq, check_floating, check_positive, check_rank, expect_params,
+                      seq_lengths, shape_error, valid_positions)
 from fnn.layers.conv import Padding, _padding, _tuple, check_nonempty
 
 
@@ -134,6 +138,97 @@ def AvgPool(window: int | Sequence[int], strides: int | Sequence[int] | None = N
         return sums / counts
 
     return _pool("AvgPool", window, strides, padding, reduce)
+
+
+def _bins(size: int, out: int) -> tuple[np.ndarray, np.ndarray]:
+    """Adaptive pooling's bins along one axis: bin ``i`` covers ``[floor(i * size / out),
+    ceil((i + 1) * size / out))``. Returns the ``[out, k]`` source indices of each bin, ``k``
+    the longest bin, shorter bins filled with their last index, and the ``[out, k]`` mask of
+    the positions that belong to the bin."""
+    i = np.arange(out)
+    start = (i * size) // out
+    end = -((-(i + 1) * size) // out)
+    k = int(np.max(end - start))
+    offsets = start[:, None] + np.arange(k)[None, :]
+    valid = offsets < end[:, None]
+    return np.where(valid, offsets, end[:, None] - 1), valid
+
+
+def _bin_view(x: jax.Array, axis: int, indices: np.ndarray) -> jax.Array:
+    """``x`` with ``axis`` replaced by the two axes ``[out, k]`` of :func:`_bins`."""
+    taken = jnp.take(x, jnp.asarray(indices.reshape(-1), jnp.int32), axis=axis, mode="clip")
+    return taken.reshape(x.shape[:axis] + indices.shape + x.shape[axis + 1:])
+
+
+def _adaptive(name: str, output_size, reduce, floating: bool = False) -> Layer:
+    """An adaptive pooling layer: ``reduce(bins, axis, valid)`` pools ``bins`` (``x`` with one
+    spatial axis cut into ``[out, k]`` by :func:`_bins`) over ``axis`` (the ``k`` axis), where
+    ``valid`` (numpy, ``[out, k]``) marks the real positions; with ``floating``, only
+    floating-point inputs are taken. A bin is a product of intervals, so the axes are pooled
+    one by one, the last first: a max's first maximum along the last axis, then along the one
+    before, is the first in row-major order."""
+    sizes = (output_size, output_size) if isinstance(output_size, int) else tuple(output_size)
+    if not 1 <= len(sizes) <= 3:
+        raise ValueError(f"{name}: output_size must be an int (two spatial axes) or a tuple of "
+                         f"1, 2 or 3 ints, one per spatial axis, got {output_size!r}")
+    check_positive(name, output_size=sizes)
+    n = len(sizes)
+    expected = f"[..., {n} spatial axes, features]"
+
+    def check(x):
+        check_rank(name, x, n + 1, expected)
+        if floating:
+            check_floating(name, x, expected)
+        if not all(x.shape[x.ndim - n - 1:-1]):
+            raise shape_error(name, f"[..., {n} nonempty spatial axes, features]", x)
+
+    def init(key, x):
+        check(x)
+        return {}, {}
+
+    def apply(params, state, x, *, key=None, train=False):
+        expect_params(name, params, {})
+        check(x)
+        for k in reversed(range(n)):
+            axis, out = x.ndim - n - 1 + k, sizes[k]
+            indices, valid = _bins(x.shape[axis], out)
+            x = reduce(_bin_view(x, axis, indices), axis + 1, valid)
+        return x, state
+
+    return Layer(init, apply, name)
+
+
+def _bin_mean(bins: jax.Array, axis: int, valid: np.ndarray) -> jax.Array:
+    # each bin's positions weighted 1 / its length, the filler positions 0
+    weights = valid / valid.sum(1, keepdims=True)
+    shape = [1] * bins.ndim
+    shape[axis - 1:axis + 1] = weights.shape
+    return jnp.sum(bins * jnp.asarray(weights.reshape(shape), bins.dtype), axis)
+
+
+def _bin_max(bins: jax.Array, axis: int, valid: np.ndarray) -> jax.Array:
+    # the fillers repeat a bin's last position, so they never change its maximum; the first
+    # maximum is taken (argmax), so the gradient goes there alone, as in PyTorch (jnp.max
+    # would share it among ties)
+    first = jnp.argmax(bins, axis=axis, keepdims=True)
+    return jnp.take_along_axis(bins, first, axis=axis).squeeze(axis)
+
+
+def AdaptiveAvgPool(output_size: int | Sequence[int]) -> Layer:
+    """Mean over bins that cut each spatial axis into ``output_size`` nearly equal parts, as
+    PyTorch's ``nn.AdaptiveAvgPool1d/2d/3d``: bin ``i`` of an axis of ``in`` positions covers
+    ``[floor(i * in / out), ceil((i + 1) * in / out))`` (neighbouring bins overlap when ``out``
+    does not divide ``in``). ``x: [..., *spatial, C] -> [..., *output_size, C]``;
+    ``output_size`` is an int for two spatial axes (``[..., H, W, C]``) or a tuple, one entry
+    per spatial axis."""
+    return _adaptive("AdaptiveAvgPool", output_size, _bin_mean, floating=True)
+
+
+def AdaptiveMaxPool(output_size: int | Sequence[int]) -> Layer:
+    """Maximum over the bins of :func:`AdaptiveAvgPool`, as PyTorch's
+    ``nn.AdaptiveMaxPool1d/2d/3d``. ``x: [..., *spatial, C] -> [..., *output_size, C]``; the
+    gradient of each bin goes to its first maximum (row-major)."""
+    return _adaptive("AdaptiveMaxPool", output_size, _bin_max)
 
 
 def _global(name: str, start_axis: int, reduce, masked) -> Layer:

@@ -105,6 +105,38 @@ def test_conv_transpose(dims, stride, padding, output_padding, dilation):
     _roundtrip(m, {"c": Rule("conv_transpose", "")}, params, {})
 
 
+@pytest.mark.parametrize("dims,groups,stride,padding,output_padding,dilation", [
+    (1, 2, 2, 1, 1, 1), (2, 2, 2, 1, 1, 1), (2, 3, 3, 0, 2, 1), (2, 6, 1, 1, 0, 2),
+    (3, 2, 2, 1, 0, 1)])
+def test_conv_transpose_grouped(dims, groups, stride, padding, output_padding, dilation):
+    """torch's weight [in, out / groups, *kernel] becomes fnn's [*kernel, in / groups, out]
+    given the option groups, and is written back entry for entry."""
+    conv = {1: nn.ConvTranspose1d, 2: nn.ConvTranspose2d, 3: nn.ConvTranspose3d}[dims]
+    m = conv(12, 6, 3, stride=stride, padding=padding, output_padding=output_padding,
+             dilation=dilation, groups=groups)
+    layout = {"c": Rule("conv_transpose", "", {"groups": groups})}
+    params, _ = from_torch(m.state_dict(), layout)
+    assert params["c"]["w"].shape == (3,) * dims + (12 // groups, 6)
+    layer = fnn.ConvTranspose(6, (3,) * dims, strides=stride, dilation=dilation,
+                              padding=[(padding, padding - output_padding)] * dims,
+                              feature_group_count=groups)
+    x = _x(2, 12, *(4,) * dims)
+    y, _ = layer.apply(params["c"], {}, _nhwc(x))
+    _close(y, torch.movedim(m(x), 1, -1))
+    _roundtrip(m, layout, params, {})
+    # the same options given to from_torch and to_torch as keywords
+    assert jax.tree.map(np.shape, from_torch(m.state_dict(), {"c": Rule("conv_transpose", "")},
+                                             groups=groups)[0]) == jax.tree.map(np.shape, params)
+    _roundtrip(m, {"c": Rule("conv_transpose", "")}, params, {}, groups=groups)
+
+
+def test_conv_transpose_groups_must_divide_the_channels():
+    m = nn.ConvTranspose2d(6, 4, 3, groups=2)
+    with pytest.raises(WeightsError, match="groups must be a positive divisor of the weight's "
+                                           "input channels 6, got 4"):
+        from_torch(m.state_dict(), {"c": Rule("conv_transpose", "", {"groups": 4})})
+
+
 def _trained_batch_norm(features, torch_momentum=0.1):
     m = nn.BatchNorm2d(features, momentum=torch_momentum)
     with torch.no_grad():

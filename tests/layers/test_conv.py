@@ -1,7 +1,8 @@
 """Conv and ConvTranspose against naive numpy references (loops over output positions, an
 explicit scatter for the transposed convolution) computed in float64; the layers get float32
-inputs and are compared with tight float32 tolerances. Then the checks of their params against
-their hyper-parameters, and their refusal of a ``Seq``."""
+inputs and are compared with tight float32 tolerances. Grouped ConvTranspose and SeparableConv
+also against PyTorch. Then the checks of their params against their hyper-parameters, and
+their refusal of a ``Seq``."""
 
 import re
 
@@ -290,6 +291,226 @@ def test_conv_transpose_batch_axes():
                                **TOL)
 
 
+# ======================================================================= grouped ConvTranspose
+
+def _grouped_transpose_kernel(w, groups):
+    """Conv's kernel [*k, C / groups, F] (C -> F) as the kernel of the ConvTranspose that is
+    its transpose (F -> C): each group's block [C / groups, F / groups] swapped, giving
+    [*k, F / groups, C]."""
+    n = w.ndim - 2
+    c_g, features = w.shape[-2], w.shape[-1]
+    blocks = w.reshape(w.shape[:n] + (c_g, groups, features // groups))
+    return np.swapaxes(blocks, -1, -3).reshape(w.shape[:n] + (features // groups, groups * c_g))
+
+
+@pytest.mark.parametrize("x_shape,kernel_size,strides,padding,groups", [
+    ((2, 9, 4), 3, 2, "VALID", 2),
+    ((2, 8, 6), 4, 2, "SAME", 3),
+    ((2, 7, 9, 4), (3, 3), 2, "VALID", 4),
+    ((2, 6, 8, 6), (3, 2), (2, 1), "SAME", 2),
+])
+def test_grouped_conv_transpose_is_vjp_of_grouped_conv(x_shape, kernel_size, strides, padding,
+                                                       groups):
+    n = len(x_shape) - 2
+    c_in, c_out = x_shape[-1], 2 * groups
+    kernel = as_tuple(kernel_size, n)
+    w = rand(kernel + (c_in // groups, c_out), 1)
+    conv = fnn.Conv(c_out, kernel_size, strides=strides, padding=padding, use_bias=False,
+                    feature_group_count=groups)
+    x = f32(rand(x_shape, 2))
+    y, vjp = jax.vjp(lambda v: conv.apply({"w": f32(w)}, {}, v)[0], x)
+    g = f32(rand(y.shape, 3))
+    (dx,) = vjp(g)
+    conv_t = fnn.ConvTranspose(c_in, kernel_size, strides=strides, padding=padding,
+                               use_bias=False, feature_group_count=groups)
+    y_t, _, _ = init_apply(conv_t, g, {"w": _grouped_transpose_kernel(w, groups)})
+    assert y_t.shape == dx.shape
+    np.testing.assert_allclose(f64(y_t), f64(dx), **TOL)
+
+
+@pytest.fixture
+def torch():
+    return pytest.importorskip("torch", reason="torch is the reference (pip install torch)")
+
+
+def torch_transpose_kernel(weight, groups):
+    """torch's ConvTranspose weight [in, out / groups, *k] as fnn's [*k, in / groups, out]."""
+    c_in, out_g = weight.shape[:2]
+    n = weight.ndim - 2
+    w = weight.reshape((groups, c_in // groups, out_g) + weight.shape[2:])
+    w = np.transpose(w, tuple(range(3, 3 + n)) + (1, 0, 2))
+    return w.reshape(weight.shape[2:] + (c_in // groups, groups * out_g))
+
+
+@pytest.mark.parametrize("dims,groups,stride,padding,output_padding,dilation", [
+    (1, 2, 2, 1, 1, 1), (2, 1, 2, 1, 1, 1), (2, 2, 2, 1, 1, 1), (2, 3, 3, 0, 2, 1),
+    (2, 6, 1, 1, 0, 2), (2, 2, (2, 1), (1, 0), (1, 0), 1), (3, 2, 2, 1, 0, 1)])
+def test_grouped_conv_transpose_matches_torch(torch, dims, groups, stride, padding,
+                                              output_padding, dilation):
+    conv = getattr(torch.nn, f"ConvTranspose{dims}d")
+    m = conv(12, 6, 3, stride=stride, padding=padding, output_padding=output_padding,
+             dilation=dilation, groups=groups)
+    pads = as_tuple(padding, dims)
+    crops = [(p, p - q) for p, q in zip(pads, as_tuple(output_padding, dims))]
+    layer = fnn.ConvTranspose(6, (3,) * dims, strides=stride, dilation=dilation, padding=crops,
+                              feature_group_count=groups)
+    x = rand((2, 12) + (5,) * dims, 1)  # torch's layout
+    xt = torch.from_numpy(x).requires_grad_()
+    yt = m(xt)
+    g = rand(yt.shape, 2)
+    yt.backward(torch.from_numpy(g))
+    weight = m.weight.detach().numpy()
+    params = {"w": f32(torch_transpose_kernel(weight, groups)), "b": f32(m.bias.detach())}
+    x_nhwc = f32(np.moveaxis(x, 1, -1))
+
+    def loss(p, v):
+        return jnp.sum(layer.apply(p, {}, v)[0] * f32(np.moveaxis(g, 1, -1)))
+
+    y, _ = run(layer, params, x_nhwc)
+    dp, dx = jax.grad(loss, argnums=(0, 1))(params, x_nhwc)
+    np.testing.assert_allclose(f64(y), np.moveaxis(yt.detach().numpy(), 1, -1), **TOL)
+    np.testing.assert_allclose(f64(dx), np.moveaxis(xt.grad.numpy(), 1, -1), **TOL)
+    np.testing.assert_allclose(f64(dp["w"]), torch_transpose_kernel(m.weight.grad.numpy(),
+                                                                    groups), rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(f64(dp["b"]), m.bias.grad.numpy(), rtol=1e-4, atol=1e-4)
+
+
+def test_grouped_conv_transpose_params_and_errors():
+    layer = fnn.ConvTranspose(6, (3, 3), feature_group_count=3)
+    params, _ = layer.init(jax.random.key(0), jnp.zeros((1, 4, 4, 9)))
+    assert jax.tree.map(jnp.shape, params) == {"w": (3, 3, 3, 6), "b": (6,)}
+    with pytest.raises(ValueError, match=re.escape(
+            "ConvTranspose: features (5) must be divisible by feature_group_count (3)")):
+        fnn.ConvTranspose(5, (3, 3), feature_group_count=3)
+    with pytest.raises(fnn.ShapeError, match=re.escape(
+            "ConvTranspose: expected input [..., 2 spatial axes, in_features divisible by "
+            "feature_group_count=3], got float32[1, 4, 4, 8]")):
+        layer.init(jax.random.key(0), jnp.zeros((1, 4, 4, 8)))
+    with pytest.raises(fnn.ShapeError, match=re.escape(
+            "ConvTranspose: expected input [..., 2 spatial axes, 9], got float32[1, 4, 4, 6]")):
+        layer.apply(params, {}, jnp.zeros((1, 4, 4, 6)))
+    with pytest.raises(fnn.ParamError, match=re.escape(
+            "ConvTranspose: expected params {w: [3, 3, in_features // groups, 6], b: [6]}, got "
+            "{w: float32[3, 3, 3, 2], b: float32[6]}: w is float32[3, 3, 3, 2], expected "
+            "[3, 3, in_features // groups, 6]")):
+        layer.apply({"w": jnp.zeros((3, 3, 3, 2)), "b": jnp.zeros(6)}, {},
+                    jnp.zeros((1, 4, 4, 9)))
+
+
+# ============================================================================= SeparableConv
+
+SEPARABLE_CASES = {
+    # id: (input shape, features, kernel_size, SeparableConv keyword arguments)
+    "1d": ((2, 9, 3), 4, 3, {}),
+    "2d_multiplier": ((2, 7, 6, 3), 5, (3, 3), dict(depth_multiplier=2)),
+    "2d_valid_strides_dilation": ((2, 9, 8, 4), 3, (3, 2),
+                                  dict(padding="VALID", strides=2, dilation=(2, 1))),
+    "2d_padding_no_bias": ((2, 5, 6, 2), 3, (3, 3), dict(padding=1, use_bias=False,
+                                                         depth_multiplier=3)),
+    "3d": ((1, 4, 5, 4, 2), 3, (2, 2, 3), dict(strides=(1, 2, 1))),
+}
+
+
+@pytest.mark.parametrize("shape,features,kernel_size,kwargs", list(SEPARABLE_CASES.values()),
+                         ids=list(SEPARABLE_CASES))
+def test_separable_conv_is_a_depthwise_then_a_pointwise_conv(shape, features, kernel_size,
+                                                             kwargs):
+    layer = fnn.SeparableConv(features, kernel_size, **kwargs)
+    x = f32(rand(shape, 1))
+    params, state = layer.init(jax.random.key(0), x)
+    assert state == {}
+    multiplier = kwargs.get("depth_multiplier", 1)
+    mid = shape[-1] * multiplier
+    n = len(shape) - 2
+    kernel = as_tuple(kernel_size, n)
+    expected_shapes = {"depthwise": {"w": kernel + (1, mid)},
+                       "pointwise": {"w": (1,) * n + (mid, features)}}
+    if kwargs.get("use_bias", True):
+        expected_shapes["pointwise"]["b"] = (features,)
+    assert jax.tree.map(jnp.shape, params) == expected_shapes
+    params = jax.tree.map(lambda p: f32(rand(p.shape, 7)), params)
+    y, _ = run(layer, params, x)
+    conv_kwargs = {k: v for k, v in kwargs.items() if k in ("strides", "padding", "dilation")}
+    depthwise = fnn.Conv(mid, kernel_size, feature_group_count=shape[-1], use_bias=False,
+                         **conv_kwargs)
+    pointwise = fnn.Conv(features, (1,) * n, use_bias=kwargs.get("use_bias", True))
+    h, _ = run(depthwise, params["depthwise"], x)
+    expected, _ = run(pointwise, params["pointwise"], h)
+    np.testing.assert_allclose(f64(y), f64(expected), **TOL)
+    reference = conv_ref(conv_ref(x, params["depthwise"]["w"], None, conv_kwargs.get("strides", 1),
+                                  conv_kwargs.get("padding", "SAME"),
+                                  conv_kwargs.get("dilation", 1), shape[-1]),
+                         params["pointwise"]["w"], params["pointwise"].get("b"))
+    np.testing.assert_allclose(f64(y), reference, **TOL)
+
+
+def test_separable_conv_matches_torch(torch):
+    """torch: Conv2d(in, in * m, k, groups=in, bias=False), then Conv2d(in * m, features, 1)."""
+    c, m, features = 3, 2, 5
+    depthwise = torch.nn.Conv2d(c, c * m, 3, stride=2, padding=1, groups=c, bias=False)
+    pointwise = torch.nn.Conv2d(c * m, features, 1)
+    x = rand((2, c, 7, 8), 1)
+    xt = torch.from_numpy(x).requires_grad_()
+    yt = pointwise(depthwise(xt))
+    g = rand(yt.shape, 2)
+    yt.backward(torch.from_numpy(g))
+    layer = fnn.SeparableConv(features, (3, 3), depth_multiplier=m, strides=2, padding=1)
+    # torch [out, in / groups, *k] -> fnn [*k, in / groups, out]
+    params = {"depthwise": {"w": f32(np.moveaxis(depthwise.weight.detach().numpy(), (0, 1),
+                                                 (-1, -2)))},
+              "pointwise": {"w": f32(np.moveaxis(pointwise.weight.detach().numpy(), (0, 1),
+                                                 (-1, -2))),
+                            "b": f32(pointwise.bias.detach())}}
+    x_nhwc = f32(np.moveaxis(x, 1, -1))
+
+    def loss(p, v):
+        return jnp.sum(layer.apply(p, {}, v)[0] * f32(np.moveaxis(g, 1, -1)))
+
+    y, _ = run(layer, params, x_nhwc)
+    dp, dx = jax.grad(loss, argnums=(0, 1))(params, x_nhwc)
+    np.testing.assert_allclose(f64(y), np.moveaxis(yt.detach().numpy(), 1, -1), **TOL)
+    np.testing.assert_allclose(f64(dx), np.moveaxis(xt.grad.numpy(), 1, -1), **TOL)
+    np.testing.assert_allclose(f64(dp["depthwise"]["w"]),
+                               np.moveaxis(depthwise.weight.grad.numpy(), (0, 1), (-1, -2)),
+                               rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(f64(dp["pointwise"]["b"]), pointwise.bias.grad.numpy(),
+                               rtol=1e-4, atol=1e-4)
+
+
+def test_separable_conv_errors():
+    layer = fnn.SeparableConv(4, (3, 3), depth_multiplier=2)
+    x = jnp.zeros((1, 5, 5, 3))
+    params, _ = layer.init(jax.random.key(0), x)
+    with pytest.raises(fnn.ShapeError, match=re.escape(
+            "SeparableConv: expected input [..., 2 spatial axes, 3], got float32[1, 5, 5, 2]")):
+        layer.apply(params, {}, jnp.zeros((1, 5, 5, 2)))
+    with pytest.raises(fnn.ShapeError, match=re.escape(
+            "SeparableConv: expected input [..., 2 spatial axes, in_features], got "
+            "float32[5, 3]")):
+        layer.init(jax.random.key(0), jnp.zeros((5, 3)))
+    bad = {"depthwise": params["depthwise"], "pointwise": {"w": jnp.zeros((1, 1, 5, 4)),
+                                                           "b": jnp.zeros(4)}}
+    with pytest.raises(fnn.ParamError, match=re.escape(
+            "SeparableConv: expected params {depthwise: {w: [3, 3, 1, 6]}, pointwise: {w: [1, 1, "
+            "6, 4], b: [4]}}, got {depthwise: {w: float32[3, 3, 1, 6]}, pointwise: {w: "
+            "float32[1, 1, 5, 4], b: float32[4]}}: pointwise/w is float32[1, 1, 5, 4], expected "
+            "[1, 1, 6, 4]")):
+        layer.apply(bad, {}, x)
+    odd = {"depthwise": {"w": jnp.zeros((3, 3, 1, 5))},
+           "pointwise": {"w": jnp.zeros((1, 1, 5, 4)), "b": jnp.zeros(4)}}
+    with pytest.raises(fnn.ParamError, match=re.escape(
+            "SeparableConv: the depthwise kernel's 5 channels are not in_features * "
+            "depth_multiplier=2")):
+        layer.apply(odd, {}, x)
+    with pytest.raises(ValueError, match=re.escape(
+            "SeparableConv: depth_multiplier must be a positive int or 1 of them, got 0")):
+        fnn.SeparableConv(4, 3, depth_multiplier=0)
+    with pytest.raises(fnn.ShapeError, match=re.escape(
+            "Conv at depthwise: expected input [..., H >= 3, W >= 3, features]")):
+        fnn.SeparableConv(4, (3, 3), padding="VALID").init(jax.random.key(0),
+                                                           jnp.zeros((1, 2, 5, 3)))
+
+
 # ============================================================================= a Seq is refused
 
 SEQ = fnn.Seq(jnp.zeros((2, 5, 3), jnp.float32), lengths=jnp.array([5, 2], jnp.int32))
@@ -297,7 +518,8 @@ SEQ_TEXT = "Seq(x=float32[2, 5, 3], lengths=int32[2])"
 
 
 @pytest.mark.parametrize("name,layer", [("Conv", fnn.Conv(4, 3)),
-                                        ("ConvTranspose", fnn.ConvTranspose(4, 3))])
+                                        ("ConvTranspose", fnn.ConvTranspose(4, 3)),
+                                        ("SeparableConv", fnn.SeparableConv(4, 3))])
 def test_conv_refuses_a_seq(name, layer):
     """A convolution would mix padded positions into valid ones: a Seq is a ShapeError, at init
     and at apply, naming the layer and showing the Seq."""

@@ -456,3 +456,94 @@ def test_a_float64_numpy_input_computes_in_float32_without_a_warning(make):
         warnings.filterwarnings("error", message=".*requested dtype.*float64")
         y, _ = layer.apply(params, state, x, train=True)
     assert y.dtype == jnp.float32
+
+
+# ============================================================================= InstanceNorm
+
+@pytest.fixture
+def torch():
+    return pytest.importorskip("torch", reason="torch is the reference (pip install torch)")
+
+
+@pytest.mark.parametrize("shape,start_axis", [((2, 7, 3), -2), ((2, 5, 6, 4), -3),
+                                              ((2, 5, 6, 4), 1), ((2, 3, 4, 5, 2), -4)],
+                         ids=["1d", "2d", "2d_start_axis_1", "3d"])
+def test_instance_norm_matches_torch_with_gradients(torch, shape, start_axis):
+    """nn.InstanceNorm1d/2d/3d(affine=True), no running statistics: values and the gradients
+    with respect to the input, scale and b."""
+    n = len(shape) - 2
+    c = shape[-1]
+    x = rand(shape, 1) * 2 + 1
+    g = rand(shape, 2)
+    scale, b = rand((c,), 3, low=0.5), rand((c,), 4)
+    module = getattr(torch.nn, f"InstanceNorm{n}d")(c, affine=True, track_running_stats=False)
+    with torch.no_grad():
+        module.weight.copy_(torch.from_numpy(scale))
+        module.bias.copy_(torch.from_numpy(b))
+    xt = torch.from_numpy(np.ascontiguousarray(np.moveaxis(x, -1, 1))).requires_grad_()
+    yt = module(xt)
+    yt.backward(torch.from_numpy(np.ascontiguousarray(np.moveaxis(g, -1, 1))))
+
+    layer = fnn.InstanceNorm(start_axis=start_axis)
+    params = {"scale": f32(scale), "b": f32(b)}
+
+    def loss(p, v):
+        return jnp.sum(layer.apply(p, {}, v)[0] * f32(g))
+
+    y, _ = run(layer, params, f32(x))
+    dp, dx = jax.jit(jax.grad(loss, argnums=(0, 1)))(params, f32(x))
+    np.testing.assert_allclose(f64(y), np.moveaxis(yt.detach().numpy(), 1, -1), **TOL)
+    np.testing.assert_allclose(f64(dx), np.moveaxis(xt.grad.numpy(), 1, -1), **TOL)
+    np.testing.assert_allclose(f64(dp["scale"]), module.weight.grad.numpy(), **TOL)
+    np.testing.assert_allclose(f64(dp["b"]), module.bias.grad.numpy(), **TOL)
+    # the same as GroupNorm with one channel per group
+    same, _ = run(fnn.GroupNorm(c, start_axis=start_axis), params, f32(x))
+    np.testing.assert_allclose(f64(y), f64(same), **TOL)
+
+
+def test_instance_norm_init_without_affine_and_batch_axes():
+    layer = fnn.InstanceNorm(start_axis=-3)
+    params, state = layer.init(jax.random.key(0), jnp.zeros((2, 4, 4, 3)))
+    assert jax.tree.map(jnp.shape, params) == {"scale": (3,), "b": (3,)} and state == {}
+    np.testing.assert_array_equal(np.asarray(params["scale"]), 1.0)
+    np.testing.assert_array_equal(np.asarray(params["b"]), 0.0)
+    bare = fnn.InstanceNorm(start_axis=-3, use_scale=False, use_bias=False, epsilon=1e-3)
+    assert bare.init(jax.random.key(0), jnp.zeros((2, 4, 4, 3))) == ({}, {})
+    x = f32(rand((2, 3, 4, 5, 6), 1) * 3)
+    y, _ = run(bare, {}, x)
+    xf = f64(x)
+    mean, var = xf.mean((2, 3), keepdims=True), xf.var((2, 3), keepdims=True)
+    np.testing.assert_allclose(f64(y), (xf - mean) / np.sqrt(var + 1e-3), **TOL)
+    single, _ = run(bare, {}, x[1, 2])  # no batch axis at all
+    np.testing.assert_allclose(f64(single), f64(y[1, 2]), **TOL)
+    y16, _ = run(bare, {}, x.astype(jnp.bfloat16))
+    assert y16.dtype == jnp.bfloat16
+
+
+def test_instance_norm_errors():
+    with pytest.raises(TypeError, match="start_axis"):
+        fnn.InstanceNorm()
+    with pytest.raises(TypeError, match=re.escape(
+            "InstanceNorm: start_axis must be an int (-3 for [..., H, W, C]), got None")):
+        fnn.InstanceNorm(start_axis=None)
+    layer = fnn.InstanceNorm(start_axis=-3)
+    with pytest.raises(fnn.ShapeError, match=_message(
+            "InstanceNorm: expected input [..., 2 spatial axes, features], got float32[4, 3]")):
+        layer.init(jax.random.key(0), jnp.zeros((4, 3)))
+    with pytest.raises(fnn.ShapeError, match=_message(
+            "InstanceNorm: expected input [*lead, *spatial, features] with the spatial axes "
+            "from axis 2, got float32[4, 3]")):
+        fnn.InstanceNorm(start_axis=2).apply({}, {}, jnp.zeros((4, 3)))
+    params = {"scale": jnp.ones(3), "b": jnp.zeros(3)}
+    with pytest.raises(fnn.ParamError, match=_message(
+            "InstanceNorm: expected params {scale: [4], b: [4]}, got {scale: float32[3], "
+            "b: float32[3]}: scale is float32[3], expected [4]")):
+        layer.apply(params, {}, jnp.zeros((2, 5, 5, 4)))
+    with pytest.raises(fnn.ShapeError, match=_message(
+            "InstanceNorm: expected input [..., 2 spatial axes, features], got "
+            "Seq(x=float32[2, 5, 5, 3])")):
+        layer.apply(params, {}, fnn.Seq(jnp.zeros((2, 5, 5, 3))))
+    with pytest.raises(fnn.ShapeError, match=_message(
+            "InstanceNorm: expected a floating-point input [..., 2 spatial axes, features], "
+            "got int32[2, 5, 5, 3]")):
+        layer.apply(params, {}, jnp.zeros((2, 5, 5, 3), jnp.int32))

@@ -1,5 +1,5 @@
 """MaxPool, AvgPool and global pooling against a naive numpy reference (NaN padding, float64),
-and global pooling of a ``Seq`` over its valid positions."""
+global pooling of a ``Seq`` over its valid positions, and adaptive pooling against PyTorch."""
 
 import math
 import re
@@ -231,3 +231,116 @@ def test_global_pooling_has_no_default_and_minus_3_pools_images_with_any_batch_a
         single = jax.vmap(lambda image: layer.apply({}, {}, image)[0])(x)
         np.testing.assert_allclose(batched, reduce(np.asarray(x), axis=(1, 2)), rtol=1e-6)
         np.testing.assert_allclose(single, batched, rtol=1e-6)
+
+
+# ============================================================================= adaptive pooling
+
+@pytest.fixture
+def torch():
+    return pytest.importorskip("torch", reason="torch is the reference (pip install torch)")
+
+
+ADAPTIVE_CASES = {
+    # id: (spatial size, output_size)
+    "1d_divisible": ((8,), (4,)),
+    "1d_non_divisible": ((7,), (3,)),
+    "1d_larger_output": ((3,), (5,)),
+    "2d_int": ((6, 6), 3),
+    "2d_non_divisible": ((7, 5), (3, 2)),
+    "2d_one": ((5, 4), (1, 1)),
+    "2d_larger_output": ((3, 5), (5, 7)),
+    "3d": ((7, 5, 6), (3, 2, 4)),
+}
+
+
+def _adaptive_bins_ref(x, output_size, kind):
+    """A loop over the output positions: each bin [floor(i * in / out), ceil((i + 1) * in /
+    out)) of every axis, pooled. x: [N, *spatial, C], float64."""
+    x = f64(x)
+    n = len(output_size)
+    spatial = x.shape[1:1 + n]
+    y = np.zeros((x.shape[0],) + tuple(output_size) + x.shape[-1:])
+    for o in np.ndindex(*output_size):
+        index = tuple(slice(o[a] * spatial[a] // output_size[a],
+                            -(-(o[a] + 1) * spatial[a] // output_size[a])) for a in range(n))
+        block = x[(slice(None),) + index].reshape(x.shape[0], -1, x.shape[-1])
+        y[(slice(None),) + o] = block.mean(1) if kind == "avg" else block.max(1)
+    return y
+
+
+@pytest.mark.parametrize("kind", ["avg", "max"])
+@pytest.mark.parametrize("spatial,output_size", list(ADAPTIVE_CASES.values()),
+                         ids=list(ADAPTIVE_CASES))
+def test_adaptive_pool_matches_torch(torch, spatial, output_size, kind):
+    n = len(spatial)
+    sizes = (output_size,) * 2 if isinstance(output_size, int) else output_size
+    layer = (fnn.AdaptiveAvgPool if kind == "avg" else fnn.AdaptiveMaxPool)(output_size)
+    module = getattr(torch.nn, f"Adaptive{kind.capitalize()}Pool{n}d")(sizes)
+    x = rand((2,) + spatial + (3,), 1)
+    xt = torch.from_numpy(np.ascontiguousarray(np.moveaxis(x, -1, 1))).requires_grad_()
+    yt = module(xt)
+    g = rand((2,) + sizes + (3,), 2)
+    yt.backward(torch.from_numpy(np.ascontiguousarray(np.moveaxis(g, -1, 1))))
+    y, vjp = jax.vjp(lambda v: layer.apply({}, {}, v)[0], f32(x))
+    expected = np.moveaxis(yt.detach().numpy(), 1, -1)
+    assert y.shape == expected.shape == (2,) + sizes + (3,)
+    np.testing.assert_allclose(f64(y), expected, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(f64(y), _adaptive_bins_ref(x, sizes, kind), **TOL)
+    np.testing.assert_allclose(f64(vjp(f32(g))[0]), np.moveaxis(xt.grad.numpy(), 1, -1),
+                               rtol=1e-6, atol=1e-6)
+
+
+def test_adaptive_max_pool_gradient_goes_to_the_first_maximum(torch):
+    """Ties (ReLU zeros, flat backgrounds): the whole gradient of a bin goes to its first
+    maximum in row-major order, as in PyTorch."""
+    x = np.zeros((1, 5, 4, 1), np.float32)
+    x[0, 1, 0, 0] = x[0, 0, 1, 0] = 2.0  # a tie across rows in the first bin
+    xt = torch.from_numpy(np.ascontiguousarray(np.moveaxis(x, -1, 1))).requires_grad_()
+    torch.nn.AdaptiveMaxPool2d((2, 2))(xt).sum().backward()
+    grad = jax.grad(lambda v: fnn.AdaptiveMaxPool(2).apply({}, {}, v)[0].sum())(f32(x))
+    expected = np.moveaxis(xt.grad.numpy(), 1, -1)
+    np.testing.assert_array_equal(np.asarray(grad), expected)
+    assert expected[0, 0, 1, 0] == 1 and expected[0, 1, 0, 0] == 0
+
+
+def test_adaptive_pool_batch_axes_and_integers():
+    x = jnp.arange(2 * 3 * 5 * 4 * 2).reshape(2, 3, 5, 4, 2)
+    y, _ = run(fnn.AdaptiveMaxPool((2, 3)), {}, x)
+    assert y.shape == (2, 3, 2, 3, 2) and y.dtype == x.dtype
+    np.testing.assert_array_equal(np.asarray(y), _adaptive_bins_ref(x.reshape(6, 5, 4, 2),
+                                                                     (2, 3), "max")
+                                  .reshape(y.shape))
+    x = f32(rand((2, 3, 5, 4, 2), 1))
+    flat, _ = run(fnn.AdaptiveAvgPool((2, 3)), {}, x.reshape(6, 5, 4, 2))
+    single, _ = run(fnn.AdaptiveAvgPool((2, 3)), {}, x[1, 1])
+    np.testing.assert_allclose(f64(single), f64(flat[4]), **TOL)
+
+
+@pytest.mark.parametrize("make,message", [
+    (lambda: fnn.AdaptiveAvgPool(0), "AdaptiveAvgPool: output_size must be a positive integer "
+                                     "or a tuple of them, got (0, 0)"),
+    (lambda: fnn.AdaptiveMaxPool((2, 2, 2, 2)), "AdaptiveMaxPool: output_size must be an int "
+                                                "(two spatial axes) or a tuple of 1, 2 or 3 "
+                                                "ints, one per spatial axis, got (2, 2, 2, 2)"),
+])
+def test_adaptive_pool_bad_hyper_parameters(make, message):
+    with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
+        make()
+
+
+@pytest.mark.parametrize("layer,x,message", [
+    (fnn.AdaptiveAvgPool(2), jnp.zeros((4, 3)),
+     "AdaptiveAvgPool: expected input [..., 2 spatial axes, features], got float32[4, 3]"),
+    (fnn.AdaptiveMaxPool((2,)), jnp.zeros((2, 0, 3)),
+     "AdaptiveMaxPool: expected input [..., 1 nonempty spatial axes, features], got "
+     "float32[2, 0, 3]"),
+    (fnn.AdaptiveAvgPool(2), jnp.zeros((1, 4, 4, 3), jnp.int32),
+     "AdaptiveAvgPool: expected a floating-point input [..., 2 spatial axes, features], got "
+     "int32[1, 4, 4, 3]"),
+    (fnn.AdaptiveAvgPool((3,)), fnn.Seq(jnp.zeros((2, 6, 3))),
+     "AdaptiveAvgPool: expected input [..., 1 spatial axes, features], got "
+     "Seq(x=float32[2, 6, 3])"),
+])
+def test_adaptive_pool_bad_input(layer, x, message):
+    with pytest.raises(fnn.ShapeError, match=f"^{re.escape(message)}$"):
+        layer.apply({}, {}, x)

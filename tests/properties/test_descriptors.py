@@ -1,6 +1,7 @@
 """Cross-cutting properties, checked for every public layer, combinator and model.
 
-Each descriptor gives a layer and a batched input (an array, or a ``Seq`` with side inputs).
+Each descriptor gives a layer and a batched input (an array, a ``Seq`` with side inputs, or a
+tuple of arrays built by ``make_input``, e.g. FiLM's ``(x, condition)``).
 Every descriptor must: give the same result under ``jit`` as eagerly; give under ``jax.vmap``
 over single examples the same as the batched call; have finite gradients; have
 ``jax.eval_shape`` agree with the real output; run on bfloat16 inputs; and not recompile a
@@ -11,7 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Callable
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -35,6 +36,9 @@ class Descriptor:
     stochastic: bool = False  # uses the key in training
     batch_stats: bool = False  # train=True mixes examples (BatchNorm), so vmap runs in eval mode
     side: Callable[[jax.Array], dict] | None = None  # the Seq's side inputs, given the array
+    # builds the batched input (a tuple of arrays, say) from a key, in place of shape and ints;
+    # every leaf has the batch as its first axis
+    make_input: Callable[[jax.Array], Any] | None = None
 
     def __str__(self):
         return self.name
@@ -42,6 +46,8 @@ class Descriptor:
 
 def _input(d: Descriptor, dtype=jnp.float32, seed: int = 1):
     key = jax.random.key(seed)
+    if d.make_input is not None:
+        return d.make_input(key)
     if d.ints:
         x = jax.random.randint(key, d.shape, 0, d.ints)
     else:
@@ -60,6 +66,24 @@ def _memory(x):
         x.shape[0], 4, 6).astype(x.dtype), "memory_lengths": jnp.full(x.shape[:1], 3, jnp.int32)}
 
 
+def _film_input(key):
+    """``(x, condition)``: a feature map and a vector per example."""
+    x_key, c_key = jax.random.split(key)
+    return (jax.random.normal(x_key, (2, 4, 4, 3)), jax.random.normal(c_key, (2, 5)))
+
+
+def _unet_input(x_shape, labels=None, float_t=False):
+    """``(x_t, t)`` or ``(x_t, t, labels)`` for a U-Net: noisy images, timesteps (ints in
+    [0, 1000), or floats), and class ids (the last one the null label)."""
+    def make(key):
+        x_key, t_key = jax.random.split(key)
+        x = jax.random.normal(x_key, x_shape)
+        t = (jax.random.uniform(t_key, x_shape[:1]) * 1000.0 if float_t
+             else jax.random.randint(t_key, x_shape[:1], 0, 1000))
+        return (x, t) if labels is None else (x, t, jnp.arange(x_shape[0]) % (labels + 1))
+    return make
+
+
 def _array(y):
     return y.x if isinstance(y, fnn.Seq) else y
 
@@ -76,6 +100,8 @@ DESCRIPTORS = [
     Descriptor("Softmax", fnn.Softmax, (3, 5)),
     Descriptor("LogSoftmax", fnn.LogSoftmax, (3, 5)),
     Descriptor("Lambda", lambda: fnn.Lambda(jnp.sin, "sin"), (3, 5)),
+    Descriptor("PReLU", fnn.PReLU, (3, 5)),
+    Descriptor("PReLU-per-channel", lambda: fnn.PReLU(per_channel=True), (2, 4, 4, 3)),
     Descriptor("Dropout", lambda: fnn.Dropout(0.3), (3, 5), stochastic=True),
     Descriptor("RandomCrop", lambda: fnn.RandomCrop(2), (3, 5, 6, 2), stochastic=True),
     Descriptor("RandomCrop-reflect", lambda: fnn.RandomCrop(1, mode="reflect"), (3, 5, 6, 2),
@@ -99,17 +125,46 @@ DESCRIPTORS = [
     Descriptor("ConvTranspose1D", lambda: fnn.ConvTranspose(3, 3, strides=2), (2, 5, 2)),
     Descriptor("ConvTranspose2D", lambda: fnn.ConvTranspose(3, (3, 3), strides=2,
                                                             padding="VALID"), (2, 4, 4, 2)),
+    Descriptor("ConvTranspose-grouped",
+               lambda: fnn.ConvTranspose(4, (3, 3), strides=2, padding=[(1, 0), (1, 0)],
+                                         feature_group_count=2), (2, 3, 3, 4)),
+    Descriptor("SeparableConv", lambda: fnn.SeparableConv(4, (3, 3), depth_multiplier=2),
+               (2, 5, 5, 3)),
+    Descriptor("SeparableConv1D-valid-strides",
+               lambda: fnn.SeparableConv(3, 3, strides=2, padding="VALID", use_bias=False),
+               (2, 9, 2)),
+    Descriptor("Upsample-nearest", lambda: fnn.Upsample(2), (2, 3, 4, 2)),
+    Descriptor("Upsample-linear", lambda: fnn.Upsample(size=(5, 7), method="linear"),
+               (2, 3, 4, 2)),
+    Descriptor("Upsample1D-linear-align-corners",
+               lambda: fnn.Upsample((2.5,), method="linear", align_corners=True), (2, 5, 3)),
+    Descriptor("PixelShuffle", lambda: fnn.PixelShuffle(2), (2, 3, 3, 8)),
+    Descriptor("PixelUnshuffle", lambda: fnn.PixelUnshuffle(2), (2, 4, 6, 2)),
+    Descriptor("Pad-zeros", lambda: fnn.Pad(1, value=0.5), (2, 4, 4, 2)),
+    Descriptor("Pad1D-reflect", lambda: fnn.Pad([(2, 1)], mode="reflect"), (2, 5, 3)),
+    Descriptor("Pad-replicate", lambda: fnn.Pad([(1, 2), (0, 1)], mode="replicate"),
+               (2, 4, 4, 2)),
+    Descriptor("Pad3D-circular", lambda: fnn.Pad([(1, 1), (0, 2), (1, 0)], mode="circular"),
+               (2, 3, 3, 3, 2)),
     Descriptor("MaxPool1D", lambda: fnn.MaxPool(2), (2, 8, 3)),
     Descriptor("MaxPool2D", lambda: fnn.MaxPool((3, 3), strides=2, padding="SAME"), (2, 7, 7, 3)),
     Descriptor("AvgPool2D", lambda: fnn.AvgPool((2, 2), padding=1, count_include_pad=False),
                (2, 5, 5, 3)),
     Descriptor("AvgPool3D", lambda: fnn.AvgPool((2, 2, 2)), (2, 4, 4, 4, 2)),
+    Descriptor("AdaptiveAvgPool-non-divisible", lambda: fnn.AdaptiveAvgPool((3, 2)),
+               (2, 7, 5, 3)),
+    Descriptor("AdaptiveAvgPool1D-larger-output", lambda: fnn.AdaptiveAvgPool((7,)), (2, 5, 3)),
+    Descriptor("AdaptiveMaxPool-non-divisible", lambda: fnn.AdaptiveMaxPool(2), (2, 5, 5, 3)),
     Descriptor("GlobalAvgPool", lambda: fnn.GlobalAvgPool(-3), (2, 4, 4, 3)),
     Descriptor("GlobalMaxPool", lambda: fnn.GlobalMaxPool(-3), (2, 4, 4, 3)),
     Descriptor("BatchNorm", lambda: fnn.BatchNorm(momentum=0.9), (4, 3, 3, 5), batch_stats=True),
     Descriptor("LayerNorm", fnn.LayerNorm, (3, 6)),
     Descriptor("RMSNorm", fnn.RMSNorm, (3, 6)),
     Descriptor("GroupNorm", lambda: fnn.GroupNorm(2, start_axis=-3), (2, 3, 3, 4)),
+    Descriptor("InstanceNorm", lambda: fnn.InstanceNorm(start_axis=-3), (2, 3, 3, 4)),
+    Descriptor("InstanceNorm1D-no-affine",
+               lambda: fnn.InstanceNorm(start_axis=-2, use_scale=False, use_bias=False),
+               (2, 5, 3)),
     Descriptor("SimpleRNN", lambda: fnn.SimpleRNN(4), (2, 5, 3)),
     Descriptor("RNN-simple-cell-lengths", lambda: fnn.RNN(fnn.SimpleRNNCell(4)), (2, 5, 3),
                side=_lengths),
@@ -158,6 +213,22 @@ DESCRIPTORS = [
                                                              x.shape[:2])}),
     Descriptor("SinusoidalPositionEmbedding", lambda: fnn.SinusoidalPositionEmbedding(8),
                (2, 5, 4)),
+    Descriptor("SpectralNorm-dense", lambda: fnn.SpectralNorm(fnn.Dense(4)), (3, 5)),
+    Descriptor("SpectralNorm-conv-iterations",
+               lambda: fnn.SpectralNorm(fnn.Conv(4, (3, 3)), num_iterations=2), (2, 5, 5, 3)),
+    Descriptor("SpectralNorm-conv-transpose",
+               lambda: fnn.SpectralNorm(fnn.ConvTranspose(3, (2, 2), strides=2)), (2, 3, 3, 2)),
+    Descriptor("WeightNorm-dense", lambda: fnn.WeightNorm(fnn.Dense(4)), (3, 5)),
+    Descriptor("WeightNorm-conv", lambda: fnn.WeightNorm(fnn.Conv(4, (3, 3), use_bias=False)),
+               (2, 5, 5, 3)),
+    Descriptor("TimestepEmbedding", lambda: fnn.TimestepEmbedding(8, frequency_features=6),
+               (3,), ints=1000),
+    Descriptor("TimestepEmbedding-float-gelu",
+               lambda: fnn.TimestepEmbedding(4, hidden_features=8, activation="gelu"), (3,)),
+    # random params: FiLM starts as the identity
+    Descriptor("FiLM", lambda: fnn.FiLM(w_init=jax.nn.initializers.lecun_normal(),
+                                        b_init=jax.nn.initializers.normal(1.0)),
+               (2, 4, 4, 3), make_input=_film_input),
     Descriptor("repeat", lambda: fnn.repeat(fnn.serial(fnn.Dense(5), fnn.Gelu()), 3), (3, 5)),
     Descriptor("lora", lambda: fnn.lora(fnn.serial(fnn.Dense(6), fnn.Relu(), fnn.Dense(3)),
                                         rank=2, alpha=4.0), (3, 5)),
@@ -209,6 +280,22 @@ DESCRIPTORS = [
                (2, 8, 8, 1), batch_stats=True),
     Descriptor("ResNet-bottleneck", lambda: ResNet((1, 1), block="bottleneck", num_classes=3,
                                                    features=4), (2, 16, 16, 3), batch_stats=True),
+    Descriptor("DCGANGenerator", lambda: fnn.models.DCGANGenerator(8, features=4), (2, 8),
+               batch_stats=True),
+    Descriptor("DCGANDiscriminator", lambda: fnn.models.DCGANDiscriminator(features=4),
+               (2, 8, 8, 1), batch_stats=True),
+    Descriptor("DCGANDiscriminator-spectral-norm",
+               lambda: fnn.models.DCGANDiscriminator(image_size=4, channels=3, features=4,
+                                                     spectral_norm=True), (2, 4, 4, 3)),
+    Descriptor("UNet", lambda: fnn.models.UNet(features=8, num_heads=2, num_groups=4,
+                                               time_features=16),
+               (2, 8, 8, 1), make_input=_unet_input((2, 8, 8, 1))),
+    Descriptor("UNet-labels-dropout-float-t",
+               lambda: fnn.models.UNet(channels=2, features=8, multipliers=(1, 1, 2),
+                                       attention_levels=(0, 2), num_heads=2, num_groups=4,
+                                       num_classes=3, dropout=0.2),
+               (3, 8, 8, 2), stochastic=True,
+               make_input=_unet_input((3, 8, 8, 2), labels=3, float_t=True)),
     Descriptor("remat", lambda: remat(fnn.serial(fnn.Dense(8), fnn.Gelu(), fnn.Dropout(0.2),
                                                  fnn.Dense(5))), (3, 5), stochastic=True),
     Descriptor("remat-dots-batchnorm",
@@ -252,16 +339,18 @@ def _jitted_apply(d: Descriptor, train: bool):
 
 @functools.lru_cache(maxsize=None)
 def _jitted_grad(d: Descriptor):
-    """The gradient of a training-mode loss with respect to the params (and a float input's
-    array: a Seq's lengths are not differentiated), jitted; shared by the tests of ``d``."""
+    """The gradient of a training-mode loss with respect to the params (and the input's arrays
+    when all are floating: a Seq's lengths and a tuple with timesteps or labels are not
+    differentiated), jitted; shared by the tests of ``d``."""
     layer, _, _, x = _setup(d)
+    floating = all(jnp.issubdtype(a.dtype, jnp.floating) for a in jax.tree.leaves(_array(x)))
 
     def loss(params, state, array, key):
         given = x.with_x(array) if isinstance(x, fnn.Seq) else array
         y, new_state = layer.apply(params, state, given, key=key, train=True)
         return jnp.sum(jnp.square(_array(y).astype(jnp.float32))), new_state
 
-    return jax.jit(jax.grad(loss, argnums=0 if d.ints else (0, 2), has_aux=True))
+    return jax.jit(jax.grad(loss, argnums=(0, 2) if floating else 0, has_aux=True))
 
 
 def _key(train: bool):

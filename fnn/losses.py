@@ -152,3 +152,44 @@ LOSSES = {
     "binary_cross_entropy": binary_cross_entropy,
     "mean_squared_error": mean_squared_error,
 }
+
+
+# ----------------------------------------------------------------------------- GAN losses
+# Logits are the discriminator's raw scores, one per example (``[...]``): high means "real".
+
+GAN_LOSSES = ("non_saturating", "hinge")
+
+
+def _check_gan(name: str, kind: str, **logits: jax.Array) -> None:
+    if kind not in GAN_LOSSES:
+        raise ValueError(f"{name}: kind must be one of {', '.join(GAN_LOSSES)}, got {kind!r}")
+    for arg, value in logits.items():
+        if not jnp.issubdtype(jnp.result_type(value), jnp.floating):
+            raise LayerError(f"{name}: expected floating {arg}, got {jnp.result_type(value)}")
+
+
+def gan_discriminator_loss(real_logits: jax.Array, fake_logits: jax.Array, *,
+                           kind: str = "non_saturating") -> jax.Array:
+    """The discriminator's loss on a batch of real and a batch of generated examples.
+
+    - ``"non_saturating"`` (Goodfellow et al., 2014): the cross-entropy of telling them apart,
+      ``mean(softplus(-real)) + mean(softplus(fake))``.
+    - ``"hinge"`` (Lim & Ye, 2017; with spectral normalisation, Miyato et al., 2018):
+      ``mean(relu(1 - real)) + mean(relu(1 + fake))``.
+    """
+    _check_gan("gan_discriminator_loss", kind, real_logits=real_logits, fake_logits=fake_logits)
+    real, fake = real_logits.astype(jnp.float32), fake_logits.astype(jnp.float32)
+    if kind == "hinge":
+        return jax.nn.relu(1 - real).mean() + jax.nn.relu(1 + fake).mean()
+    return jax.nn.softplus(-real).mean() + jax.nn.softplus(fake).mean()
+
+
+def gan_generator_loss(fake_logits: jax.Array, *, kind: str = "non_saturating") -> jax.Array:
+    """The generator's loss on the discriminator's logits for generated examples:
+    ``mean(softplus(-fake))`` (``"non_saturating"``: ``-log D(G(z))``, whose gradient does not
+    vanish while D wins) or ``-mean(fake)`` (``"hinge"``)."""
+    _check_gan("gan_generator_loss", kind, fake_logits=fake_logits)
+    fake = fake_logits.astype(jnp.float32)
+    if kind == "hinge":
+        return -fake.mean()
+    return jax.nn.softplus(-fake).mean()

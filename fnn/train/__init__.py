@@ -18,6 +18,11 @@ from fnn.train.loop import evaluate as evaluate
 from fnn.train.loop import evaluate_batches as evaluate_batches
 from fnn.train.loop import fit as fit
 from fnn.train.loop import train as train
+from fnn.train.loop import train_learner as train_learner
+from fnn.train.learner import Learner as Learner
+from fnn.train.learner import supervised as supervised
+from fnn.train.generative import diffusion as diffusion
+from fnn.train.generative import gan as gan
 from fnn.train.parallel import DATA_AXIS as DATA_AXIS
 from fnn.train.parallel import DataParallel as DataParallel
 from fnn.train.parallel import data_mesh as data_mesh
@@ -35,7 +40,9 @@ from fnn.train.tasks import classification_task as classification_task
 from fnn.train.tasks import language_model_task as language_model_task
 
 __all__ = ["TrainState", "create_train_state", "make_train_step", "make_eval_step",
-           "train_step_fn", "fit", "train", "evaluate", "evaluate_batches",
+           "train_step_fn", "fit", "train", "train_learner", "Learner", "supervised", "gan",
+           "diffusion",
+           "evaluate", "evaluate_batches",
            "NonFiniteError", "Task", "classification_task",
            "language_model_task", "CheckpointError", "save_checkpoint", "restore_checkpoint",
            "restore_latest_intact", "param_groups", "ParamGroups", "decay_mask", "select",

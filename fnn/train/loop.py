@@ -10,18 +10,17 @@ from pathlib import Path
 from typing import Any, Callable, Mapping, NamedTuple, Sequence
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 
-from fnn.core import Layer, array_of, describe, output_spec
+from fnn.core import Layer
 from fnn.data import Split, batches
 from fnn.train.checkpoint import (latest_step, restore_latest_intact, save_checkpoint,
                                   set_aside)
-from fnn.train.debug import find_nonfinite
+from fnn.train.learner import Learner, supervised
 from fnn.train.parallel import MODES, data_parallel
-from fnn.train.state import TrainState, create_train_state
-from fnn.train.step import Loss, Metric, Mix, make_eval_step
+from fnn.train.state import TrainState
+from fnn.train.step import Loss, Metric, Mix
 from fnn.train.tasks import Task, classification_task
 
 # per-step entries of the step's metrics that are counters, not averaged into the history
@@ -41,11 +40,17 @@ def evaluate(eval_step, params, state, x: np.ndarray, y: np.ndarray,
 
 def evaluate_batches(eval_step, params, state, data) -> dict[str, float]:
     """Metrics over every ``(x, y)`` batch of ``data``, weighted by batch size."""
+    return _evaluate(lambda ts, x, y: eval_step(params, state, x, y), None, data)
+
+
+def _evaluate(eval_step, ts, data) -> dict[str, float]:
+    """The means of ``eval_step(ts, x, y)`` over the ``(x, y)`` batches of ``data``, weighted by
+    batch size."""
     totals: dict[str, float] = {}
     count = 0
     for xb, yb in data:
         size = len(jax.tree.leaves(xb)[0])  # the rows of an array, or of a Seq's array
-        for name, value in eval_step(params, state, xb, yb).items():
+        for name, value in eval_step(ts, xb, yb).items():
             totals[name] = totals.get(name, 0.0) + float(value) * size
         count += size
     return {name: total / count for name, total in totals.items()}
@@ -115,24 +120,11 @@ class _Start(NamedTuple):
     seconds: float
 
 
-def check_outputs(caller: str, model: Layer, params, state, task: Task) -> None:
-    """Raises unless the model's output has a column for every class of the task's labels (a
-    5-output head on 10 classes would train on labels it cannot represent). Shapes only."""
-    if task.num_classes is None:
-        return
-    out = output_spec(model, params, state, task.example)
-    width = jnp.shape(array_of(out))[-1] if jnp.ndim(array_of(out)) else 0
-    if width < task.num_classes:
-        raise ValueError(f"{caller}: the model's output {describe(out)} has {width} classes on "
-                         f"its last axis, but the task's labels go up to {task.num_classes - 1}: "
-                         f"give the model a head of {task.num_classes} outputs")
-
-
-def _start(model: Layer, optimizer, task: Task, seed: int, checkpoint_dir, resume: bool,
-           num_steps: int, params, state) -> _Start:
-    ts = create_train_state(model, optimizer, jax.random.key(seed), task.example,
-                            params=params, state=state)
-    check_outputs("train", model, ts.params, ts.state, task)
+def _start(learner: Learner, task: Task, seed: int, checkpoint_dir, resume: bool,
+           num_steps: int) -> _Start:
+    ts = learner.init(jax.random.key(seed), task.example)
+    if learner.check is not None:
+        learner.check(ts, task)
     if not (resume and checkpoint_dir is not None and latest_step(checkpoint_dir) is not None):
         return _Start(ts, [], _TrainMeans(), 0.0)
     ts, meta, step, corrupt = restore_latest_intact(checkpoint_dir, ts)
@@ -149,20 +141,22 @@ def _start(model: Layer, optimizer, task: Task, seed: int, checkpoint_dir, resum
                   history[-1]["seconds"] if history else 0.0)
 
 
-def _stop_if_stuck(model: Layer, loss: Loss, ts: TrainState, step: int, streak: int,
+def _stop_if_stuck(learner: Learner, ts: TrainState, step: int, streak: int,
                    max_bad_steps: int, batch) -> None:
-    """Raises :class:`NonFiniteError` after ``max_bad_steps`` skipped steps in a row, naming
-    the first non-finite layer on the last bad batch (``ts``: the state after it)."""
+    """Raises :class:`NonFiniteError` after ``max_bad_steps`` skipped steps in a row, with the
+    learner's diagnosis of the last bad batch (``ts``: the state after it)."""
     if streak < max_bad_steps:
         return
-    x, y = batch
-    found = find_nonfinite(model, ts.params, ts.state, x, y, loss,
-                           key=jax.random.fold_in(ts.key, step))
+    if learner.diagnose is None:
+        found = "no diagnosis (the learner has none)"
+    else:
+        found = (learner.diagnose(ts, step, batch)
+                 or "the debug pass found every output and gradient finite")
     raise NonFiniteError(
         f"{streak} consecutive train steps (steps {step - streak + 1} to {step}) had a "
         f"non-finite loss or gradient and were skipped, so the parameters are those of step "
         f"{step - streak + 1}; stopping (max_bad_steps={max_bad_steps}). On the last bad "
-        f"batch: {found or 'the debug pass found every output and gradient finite'}")
+        f"batch: {found}")
 
 
 def _check_arguments(caller: str = "train", **values: Any) -> None:
@@ -183,21 +177,41 @@ def _history_row(task: Task, done: int, means: _TrainMeans, held_out: Mapping[st
 
 
 def train(model: Layer, optimizer: optax.GradientTransformation, loss: Loss, task: Task, *,
-          num_steps: int, seed: int = 0, eval_every: int | None = None,
-          parallel: str = "none", devices: Sequence[Any] | None = None,
-          checkpoint_dir: str | Path | None = None, checkpoint_every: int | None = None,
-          keep: int = 3, resume: bool = False, max_bad_steps: int = 10,
-          on_log: Callable[[dict[str, Any]], None] | None = None,
-          progress: bool = True, params: Any = None, state: Any = None,
-          mix: Mix | None = None) -> tuple[TrainState, list[dict[str, Any]]]:
-    """Trains ``model`` on ``task`` for ``num_steps`` steps; returns the final train state and
-    the history.
+          num_steps: int, params: Any = None, state: Any = None, mix: Mix | None = None,
+          **options: Any) -> tuple[TrainState, list[dict[str, Any]]]:
+    """Trains ``model`` with ``optimizer`` on ``loss`` over ``task`` for ``num_steps`` steps;
+    returns the final train state and the history. The loop of :func:`train_learner` with the
+    learner :func:`~fnn.train.supervised` (``options``: that loop's arguments).
+
+    - ``params`` and ``state``: start from these (pretrained weights, or another run's)
+      instead of the model's init, checked against it (see
+      :func:`~fnn.train.create_train_state`). A resumed run starts from its checkpoint instead.
+    - ``mix``: mixup or cutmix of every training batch (see :func:`~fnn.train.train_step_fn`).
+    """
+    return train_learner(supervised(model, optimizer, loss, task.metrics, mix=mix,
+                                    params=params, state=state), task, num_steps=num_steps,
+                         **options)
+
+
+def train_learner(learner: Learner, task: Task, *, num_steps: int, seed: int = 0,
+                  eval_every: int | None = None, parallel: str = "none",
+                  devices: Sequence[Any] | None = None,
+                  checkpoint_dir: str | Path | None = None,
+                  checkpoint_every: int | None = None, keep: int = 3, resume: bool = False,
+                  max_bad_steps: int = 10,
+                  on_log: Callable[[dict[str, Any]], None] | None = None,
+                  on_eval: Callable[[int, TrainState], None] | None = None,
+                  progress: bool = True) -> tuple[TrainState, list[dict[str, Any]]]:
+    """Trains ``learner`` (:class:`~fnn.train.Learner`: a classifier, a GAN, a diffusion model)
+    on ``task`` for ``num_steps`` steps; returns the final train state and the history.
 
     - History: a row every ``eval_every`` steps (default: one epoch) and after the last step,
       with ``step``, ``epoch`` (steps / steps per epoch), ``train_<metric>`` (the mean over the
-      steps since the previous row, skipped steps left out), ``<eval_name>_<metric>`` on the
-      task's held-out data, ``skipped`` (non-finite steps so far) and ``seconds``. ``on_log``
-      is called with each row as it is made.
+      steps since the previous row, skipped steps left out), ``<eval_name>_<metric>`` (the
+      learner's ``eval_step`` on the task's held-out data), ``skipped`` (non-finite steps so
+      far) and ``seconds``. ``on_log`` is called with each row as it is made, and ``on_eval``
+      with the step and the train state of each row (to write samples, say); both only in the
+      first process.
     - ``parallel``: ``"none"``, ``"pmap"`` or ``"sharded"`` over ``devices`` (default: every
       local device); see :func:`fnn.train.data_parallel`. With several processes each feeds
       its share of every global batch (rows ``[i * B / P, (i + 1) * B / P)``).
@@ -206,29 +220,24 @@ def train(model: Layer, optimizer: optax.GradientTransformation, loss: Loss, tas
       keeping the last ``keep``. With ``resume`` the run continues from the latest checkpoint
       there (if any) and ends exactly as the uninterrupted run would: batches are a function of
       the step, and every random key derives from the seed and the step.
-    - ``params`` and ``state``: start from these (pretrained weights, or another run's)
-      instead of the model's init, checked against it (see
-      :func:`~fnn.train.create_train_state`). A resumed run starts from its checkpoint instead.
-    - ``mix``: mixup or cutmix of every training batch (see :func:`~fnn.train.train_step_fn`).
     - A step whose loss or gradient is not finite changes nothing and is counted; after
-      ``max_bad_steps`` such steps in a row :class:`NonFiniteError` is raised, naming the first
-      layer whose output or gradient is not finite on the last bad batch.
+      ``max_bad_steps`` such steps in a row :class:`NonFiniteError` is raised, with the
+      learner's diagnosis (a supervised learner names the first layer whose output or gradient
+      is not finite on the last bad batch).
 
-    The same seed gives the same result: initialisation, shuffling and dropout all derive from
-    it. Each step is dispatched before the previous step's metrics are read, so the host never
-    waits for the device between steps.
+    The same seed gives the same result: initialisation, shuffling and every random draw derive
+    from it. Each step is dispatched before the previous step's metrics are read, so the host
+    never waits for the device between steps.
     """
     _check_arguments(num_steps=num_steps, max_bad_steps=max_bad_steps, eval_every=eval_every,
                      checkpoint_every=checkpoint_every, keep=keep)
     if resume and checkpoint_dir is None:
         raise ValueError("train: resume=True needs the checkpoint_dir to resume from")
     eval_every = task.steps_per_epoch if eval_every is None else eval_every
-    runner = data_parallel(model, optimizer, loss, task.metrics, mode=parallel, devices=devices,
-                           mix=mix)
-    start = _start(model, optimizer, task, seed, checkpoint_dir, resume, num_steps, params,
-                   state)
+    runner = data_parallel(learner, mode=parallel, devices=devices)
+    start = _start(learner, task, seed, checkpoint_dir, resume, num_steps)
     history, means = start.history, start.means
-    eval_step = make_eval_step(model, loss, task.metrics)
+    eval_step = jax.jit(learner.eval_step)
     writer = jax.process_index() == 0
     bar = _progress_bar(num_steps, int(start.ts.step), progress and writer)
     clock = time.perf_counter()
@@ -239,7 +248,7 @@ def train(model: Layer, optimizer: optax.GradientTransformation, loss: Loss, tas
         metrics = {name: float(v) for name, v in jax.device_get(m).items()}
         means.add(metrics)
         try:
-            _stop_if_stuck(model, loss, runner.get_state(pts), done, int(metrics["bad_streak"]),
+            _stop_if_stuck(learner, runner.get_state(pts), done, int(metrics["bad_streak"]),
                            max_bad_steps, batch)
         except NonFiniteError:
             bar.close()
@@ -264,7 +273,7 @@ def train(model: Layer, optimizer: optax.GradientTransformation, loss: Loss, tas
         current, pending = read(pts, means, *pending), None
         state = runner.get_state(pts)
         if log_now:
-            held_out = evaluate_batches(eval_step, state.params, state.state, task.eval_batches())
+            held_out = _evaluate(eval_step, state, task.eval_batches())
             row = _history_row(task, done, means, held_out, int(current["skipped"]),
                                start.seconds + time.perf_counter() - clock)
             history.append(row)
@@ -273,6 +282,8 @@ def train(model: Layer, optimizer: optax.GradientTransformation, loss: Loss, tas
                             | {k: f"{v:.4f}" for k, v in held_out.items()}, refresh=True)
             if on_log is not None and writer:
                 on_log(row)
+            if on_eval is not None and writer:
+                on_eval(done, state)
         if save_now and writer:
             # the data position is the step (the manifest's own): a batch is f(seed, step)
             save_checkpoint(checkpoint_dir, done, state, keep=keep,

@@ -8,7 +8,7 @@ Three modes, one interface (:class:`DataParallel`)::
         ts, metrics = runner.step(ts, *runner.put_batch(x, y))
     ts = runner.get_state(ts)  # ordinary arrays: evaluate, checkpoint, np.asarray
 
-- ``"none"``: the plain jitted step (:func:`fnn.train.make_train_step`) on one device.
+- ``"none"``: the plain jitted step (as :func:`fnn.train.make_train_step`) on one device.
 - ``"pmap"``: ``jax.pmap`` over the devices; the train state is replicated with a leading
   device axis, the batch ``[B, ...]`` is split as ``[devices, B / devices, ...]``, and the step
   averages gradients, metrics and model state over the axis :data:`DATA_AXIS`. BatchNorm
@@ -40,8 +40,9 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from fnn.core import Layer
+from fnn.train.learner import Learner, supervised
 from fnn.train.state import TrainState
-from fnn.train.step import DonatingStep, Loss, Metric, Mix, make_train_step, train_step_fn
+from fnn.train.step import DonatingStep, Loss, Metric, Mix
 
 MODES = ("none", "pmap", "sharded")
 DATA_AXIS = "data"  # the mesh axis of "sharded" and the pmap axis of "pmap"
@@ -130,11 +131,13 @@ class DataParallel:
         return f"DataParallel(mode={self.mode!r}, num_devices={self.num_devices})"
 
 
-def data_parallel(model: Layer, optimizer: optax.GradientTransformation, loss: Loss,
-                  metrics: Mapping[str, Metric] | None = None, *, mode: str = "none",
-                  devices: Sequence[jax.Device] | None = None,
+def data_parallel(model: Layer | Learner, optimizer: optax.GradientTransformation | None = None,
+                  loss: Loss | None = None, metrics: Mapping[str, Metric] | None = None, *,
+                  mode: str = "none", devices: Sequence[jax.Device] | None = None,
                   donate: bool = True, mix: Mix | None = None) -> DataParallel:
-    """The train step of :func:`fnn.train.train_step_fn` run data parallel over ``devices``.
+    """The train step of :func:`fnn.train.train_step_fn` run data parallel over ``devices``;
+    or, given a :class:`~fnn.train.Learner` alone (``data_parallel(fnn.train.gan(...),
+    mode="pmap")``), the learner's step.
 
     ``mode``: ``"none"`` (one device: ``devices[0]``, default the first local device),
     ``"pmap"`` (default: every local device) or ``"sharded"`` (default: every device of every
@@ -146,6 +149,16 @@ def data_parallel(model: Layer, optimizer: optax.GradientTransformation, loss: L
     ``"none"``, ``"none"``/``"pmap"`` with several processes, and a ``"sharded"`` mesh that
     leaves out a process.
     """
+    if isinstance(model, Learner):
+        if optimizer is not None or loss is not None or metrics is not None or mix is not None:
+            raise TypeError("data_parallel: a Learner brings its own optimizers, losses and "
+                            "metrics; give it alone (data_parallel(learner, mode=...))")
+        step_fn = model.train_step_fn
+    else:
+        if optimizer is None or loss is None:
+            raise TypeError("data_parallel: expected a model with its optimizer and loss "
+                            "(data_parallel(model, optimizer, loss)), or a Learner alone")
+        step_fn = supervised(model, optimizer, loss, metrics, mix=mix).train_step_fn
     if mode not in MODES:
         raise ValueError(f"data_parallel: mode must be one of {MODES}, got {mode!r}")
     if mode != "sharded" and jax.process_count() > 1:
@@ -156,34 +169,34 @@ def data_parallel(model: Layer, optimizer: optax.GradientTransformation, loss: L
         raise ValueError(f"data_parallel: expected at least one device for mode {mode!r}, "
                          f"got none")
     build = {"none": _single_device, "pmap": _pmap, "sharded": _sharded}[mode]
-    runner = build(model, optimizer, loss, metrics, devices, donate, mix)
-    if donate and mode != "none":  # "none" is make_train_step's, which says so itself
-        runner.step = DonatingStep(runner.step, f"data_parallel(mode={mode!r}) step")
+    runner = build(step_fn, devices, donate)
+    if donate:
+        name = "train step" if mode == "none" else f"data_parallel(mode={mode!r}) step"
+        runner.step = DonatingStep(runner.step, name)
     return runner
 
 
 # ----------------------------------------------------------------------------- the three modes
 
-def _single_device(model, optimizer, loss, metrics, devices, donate, mix) -> DataParallel:
+def _single_device(step_fn, devices, donate) -> DataParallel:
     if devices is not None and len(devices) > 1:
         raise ValueError(f"data_parallel: mode 'none' trains on one device, got "
                          f"{len(devices)} devices; use mode='pmap' or 'sharded' for several")
     device = jax.local_devices()[0] if devices is None else list(devices)[0]
+    step = jax.jit(step_fn(None), donate_argnums=(0,) if donate else ())
     return DataParallel(
-        "none", [device], make_train_step(model, optimizer, loss, metrics, donate=donate,
-                                          mix=mix),
+        "none", [device], step,
         put_state=lambda ts: jax.device_put(ts, device),
         put_rows=lambda tree: jax.device_put(tree, device),
         get_state=lambda ts: jax.tree.map(_copy, ts))
 
 
-def _pmap(model, optimizer, loss, metrics, devices, donate, mix) -> DataParallel:
+def _pmap(step_fn, devices, donate) -> DataParallel:
     ordered = list(data_mesh(jax.local_devices() if devices is None else devices).devices)
     # Over one device every mean is the identity, but XLA keeps the all-reduces (a copy of
     # every gradient): the plain step's body is the same step without them.
     body_axis = DATA_AXIS if len(ordered) > 1 else None
-    step = jax.pmap(train_step_fn(model, optimizer, loss, metrics, axis_name=body_axis,
-                                  mix=mix),
+    step = jax.pmap(step_fn(body_axis),
                     axis_name=DATA_AXIS, devices=ordered,
                     donate_argnums=(0,) if donate else (),
                     # the metrics are averaged over the axis, hence equal on every device:
@@ -194,7 +207,7 @@ def _pmap(model, optimizer, loss, metrics, devices, donate, mix) -> DataParallel
                         get_state=unreplicate)
 
 
-def _sharded(model, optimizer, loss, metrics, devices, donate, mix) -> DataParallel:
+def _sharded(step_fn, devices, donate) -> DataParallel:
     mesh = data_mesh(devices)
     processes = {d.process_index for d in mesh.devices.flat}
     if len(processes) != jax.process_count():
@@ -203,7 +216,7 @@ def _sharded(model, optimizer, loss, metrics, devices, donate, mix) -> DataParal
                          f"processes {sorted(processes)}")
     replicated = NamedSharding(mesh, P())
     rows = NamedSharding(mesh, P(DATA_AXIS))
-    step = jax.jit(train_step_fn(model, optimizer, loss, metrics, mix=mix),
+    step = jax.jit(step_fn(None),
                    in_shardings=(replicated, rows, rows), out_shardings=(replicated, replicated),
                    donate_argnums=(0,) if donate else ())
     local = len(rows.addressable_devices)

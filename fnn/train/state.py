@@ -22,6 +22,8 @@ class TrainState(NamedTuple):
     #                     not finite (params, state and opt_state were left as they were)
     bad_streak: jax.Array  # int32 scalar: consecutive skipped steps ending at this step; a
     #                        finite step resets it to 0
+    ema: Any = None  # an exponential moving average of params, for learners that keep one
+    #                  (fnn.train.diffusion); None (no leaves) otherwise
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1, 2))

@@ -35,6 +35,9 @@ class Task(NamedTuple):
     - ``metrics``: metric functions ``(outputs, targets) -> scalar`` besides the loss.
     - ``num_classes``: the number of classes the targets use (the largest label + 1, checked on
       the host), which the model's output must have at least; ``None`` for other targets.
+    - ``data_range``: the smallest and the largest value of the training inputs (floating
+      inputs), the data's own scale, which a generative model's samples are given in; ``None``
+      for token ids.
     """
 
     example: np.ndarray
@@ -44,6 +47,7 @@ class Task(NamedTuple):
     eval_name: str
     metrics: Mapping[str, Metric]
     num_classes: int | None = None
+    data_range: tuple[float, float] | None = None
 
 
 def _check_size(caller: str, arg: str, value) -> None:
@@ -107,9 +111,13 @@ def classification_task(data: Split, batch_size: int, *, seed: int = 0,
         index = order(epoch)[i * batch_size:(i + 1) * batch_size]
         return data.x_train[index], data.y_train[index]
 
+    x = np.asarray(data.x_train)
+    data_range = ((float(x.min()), float(x.max())) if np.issubdtype(x.dtype, np.floating)
+                  and x.size else None)
     return Task(data.x_train[:batch_size], steps, batch,
                 lambda: batches(data.x_test, data.y_test, eval_batch_size, drop_remainder=False),
-                "test", {"accuracy": accuracy} if metrics is None else metrics, num_classes)
+                "test", {"accuracy": accuracy} if metrics is None else metrics, num_classes,
+                data_range)
 
 
 def language_model_task(text: TextSplit, batch_size: int, seq_len: int, *, seed: int = 0,

@@ -12,9 +12,11 @@ import json
 import sys
 from pathlib import Path
 
-from fnn.app.config import (HOST_MALLOC, LANGUAGE_DATA, ConfigError, build_loss, build_mix,
-                            build_model, build_optimizer, load_config)
-from fnn.app.runs import inputs_of, load_run, run_config, start_weights, task_of
+from fnn.app.config import (HOST_MALLOC, LANGUAGE_DATA, ConfigError, build_mix, build_model,
+                            load_config, run_kind)
+from fnn.app.rundir import SAMPLES
+from fnn.app.runs import (inputs_of, learner_of, load_run, model_input, run_config,
+                          start_weights, task_of)
 from fnn.train.parallel import MODES
 
 # device-count advice for a CPU-only machine
@@ -45,28 +47,47 @@ def _devices(config):
 
 
 def _setup(config, args, parallel: bool = True):
-    """The task, model, optimizer, loss and the run directory's plan: every check of a ``fnn
-    train`` command, before anything is written (``parallel=False``: leaves out the device
-    checks, for the launcher of several processes, which has no devices of theirs)."""
+    """The task, learner and the run directory's plan: every check of a ``fnn train`` command,
+    before anything is written (``parallel=False``: leaves out the device checks, for the
+    launcher of several processes, which has no devices of theirs)."""
     import jax
 
     from fnn.app import rundir
-    from fnn.train import create_train_state
-    from fnn.train.loop import check_outputs
 
     task, filled, vocab = task_of(config)
     steps = config.epochs * task.steps_per_epoch
-    model = build_model(config, **filled)
-    optimizer = build_optimizer(config, steps)
+    learner, model = learner_of(config, task, filled, steps)
     name = config.model["name"]
     try:
-        like = jax.eval_shape(lambda: create_train_state(model, optimizer, jax.random.key(0),
-                                                         task.example))
+        like = jax.eval_shape(lambda: learner.init(jax.random.key(0), task.example))
     except ValueError as e:
-        if "param_groups" not in str(e):
+        if "param_groups" in str(e):
+            raise ConfigError(f"optimizer ({config.optimizer['name']}): frozen and groups: "
+                              f"{e}") from None
+        if run_kind(config) == "supervised":
             raise
-        raise ConfigError(f"optimizer ({config.optimizer['name']}): frozen and groups: "
-                          f"{e}") from None
+        raise ConfigError(f"model ({name}): on the data's batches: {e}") from None
+    if run_kind(config) == "supervised":
+        _check_supervised(config, task, model, like)
+    else:
+        _check_generative(config, task, learner, like)
+    devices = _devices(config) if parallel else None
+    run_plan = rundir.plan(Path(config.output_dir), config, vocab, like, steps,
+                           resume=args.resume, overwrite=args.overwrite)
+    if run_plan.resume_step is None and config.init is not None:
+        learner, _ = learner_of(config, task, filled, steps,
+                                start=start_weights(config, model, task.example))
+    return task, filled, vocab, steps, learner, devices, run_plan
+
+
+def _check_supervised(config, task, model, like) -> None:
+    """A classifier's or language model's checks: its head against the labels, the model (and
+    its augmentation) and the batch mix in training on the data's batches. Shapes only."""
+    import jax
+
+    from fnn.train.learner import check_outputs
+
+    name = config.model["name"]
     check_outputs(f"model ({name})", model, like.params, like.state, task)
     try:  # in training too (augmentation, dropout), before the run directory changes
         jax.eval_shape(lambda p, s, x: model.apply(p, s, x, key=jax.random.key(0), train=True),
@@ -80,12 +101,22 @@ def _setup(config, args, parallel: bool = True):
             jax.eval_shape(mix, jax.random.key(0), *task.batch(0))
         except (ValueError, TypeError) as e:
             raise ConfigError(f"mix ({config.mix['name']}): on the data's batches: {e}") from None
-    devices = _devices(config) if parallel else None
-    run_plan = rundir.plan(Path(config.output_dir), config, vocab, like, steps,
-                           resume=args.resume, overwrite=args.overwrite)
-    start = start_weights(config, model, task.example) if run_plan.resume_step is None \
-        else (None, None)
-    return task, filled, vocab, steps, model, optimizer, devices, run_plan, start
+
+
+def _check_generative(config, task, learner, like) -> None:
+    """A GAN's or diffusion model's checks: a class-conditional model has a label for each of
+    the data's classes, and one train step runs on the data's batches. Shapes only."""
+    import jax
+
+    name = config.model["name"]
+    classes = config.model.get("num_classes")
+    if classes is not None and task.num_classes > classes:
+        raise ConfigError(f"model ({name}): num_classes is {classes} but the data's labels go "
+                          f"up to {task.num_classes - 1}; give num_classes: {task.num_classes}")
+    try:
+        jax.eval_shape(learner.train_step_fn(None), like, *task.batch(0))
+    except (ValueError, TypeError) as e:
+        raise ConfigError(f"model ({name}): in training on the data's batches: {e}") from None
 
 
 def train(args: argparse.Namespace) -> int:
@@ -104,7 +135,7 @@ def train(args: argparse.Namespace) -> int:
 
     from fnn.app import rundir
     from fnn.app.runtime import tune_host_malloc
-    from fnn.train import NonFiniteError, train as run
+    from fnn.train import NonFiniteError, train_learner as run
     from fnn.train.distributed import initialize_from_env
 
     config = load_config(args.config, _overrides(args))  # no JAX call: the next two come first
@@ -113,7 +144,7 @@ def train(args: argparse.Namespace) -> int:
     if malloc == "tuned" and not tune_host_malloc():
         malloc = "default (tuned needs glibc)"
     initialize_from_env()  # a process of `fnn train --processes N` joins the others first
-    task, filled, vocab, steps, model, optimizer, devices, run_plan, start = _setup(config, args)
+    task, filled, vocab, steps, learner, devices, run_plan = _setup(config, args)
     out = Path(config.output_dir)
     writer = _is_first_process()
     _barrier("planned")  # every process has read the run directory before it changes
@@ -121,6 +152,7 @@ def train(args: argparse.Namespace) -> int:
         print(f"fnn: {note}", file=sys.stderr)
     if writer:  # every check has passed: now the run directory may change
         rundir.prepare(out, config, vocab, run_plan, inputs=inputs_of(task, filled))
+    kind = run_kind(config)
     _barrier("prepared")
     print(f"training {config.model['name']} on {config.data['name']} for {config.epochs} "
           f"epochs ({steps} steps of {config.data['batch_size']}), parallel: "
@@ -132,23 +164,56 @@ def train(args: argparse.Namespace) -> int:
             f.write(json.dumps(row) + "\n")
 
     try:
-        _, history = run(model, optimizer, build_loss(config), task, num_steps=steps,
-                         seed=config.seed, parallel=config.parallel["mode"], devices=devices,
+        _, history = run(learner, task, num_steps=steps,
+                         seed=config.seed, eval_every=config.eval_every * task.steps_per_epoch,
+                         parallel=config.parallel["mode"], devices=devices,
                          checkpoint_dir=out / rundir.CHECKPOINTS,
                          checkpoint_every=config.checkpoint["every"],
                          keep=config.checkpoint["keep"], resume=run_plan.resume_step is not None,
                          max_bad_steps=config.max_bad_steps, on_log=log,
-                         progress=not args.no_progress, params=start[0], state=start[1],
-                         mix=build_mix(config, task.num_classes))
+                         on_eval=None if kind == "supervised" else _sample_grids(
+                             config, learner, task, out),
+                         progress=not args.no_progress)
     except NonFiniteError as e:
         print(f"fnn: error: {e}", file=sys.stderr)
         return 1
     if writer:
-        _finish(out, history, task)
+        _finish(out, history, task, kind)
     return 0
 
 
-def _finish(out: Path, history: list, task) -> None:
+GRID = 100  # samples in the grid of each evaluation of a generative run, 10 by 10
+
+
+def _sample_grids(config, learner, task, out: Path):
+    """``on_eval`` of a generative run: a grid of samples at each evaluation,
+    ``samples/step_XXXXXXXX.png``, from the same latents (GAN) or starting noise (diffusion)
+    every time, so that the grids show the model's progress; a class-conditional model's row
+    ``k`` holds class ``k`` (labels cycle when there are more than 10 classes)."""
+    import jax
+    import numpy as np
+
+    from fnn.app.plot import save_image_grid
+
+    key = jax.random.fold_in(jax.random.key(config.seed), 0x677264)  # the grids' own key
+    options = {}
+    if config.diffusion is not None:
+        options = {"steps": config.diffusion["sample_steps"],
+                   "guidance": config.diffusion["guidance"]}
+        if config.model.get("num_classes") is not None:
+            options["labels"] = np.repeat(np.arange(10), 10) % config.model["num_classes"]
+    folder = out / SAMPLES
+
+    def write(step: int, ts) -> None:
+        folder.mkdir(exist_ok=True)
+        images = learner.sample(ts, key, GRID, **options)
+        save_image_grid(np.asarray(images), folder / f"step_{step:08d}.png",
+                        data_range=task.data_range, columns=10)
+
+    return write
+
+
+def _finish(out: Path, history: list, task, kind: str) -> None:
     """The whole run's metrics (the history carried by the checkpoints, also after
     ``--resume``), the plot, and the final line."""
     from fnn.app.plot import plot_history
@@ -157,6 +222,13 @@ def _finish(out: Path, history: list, task) -> None:
     metrics_path.write_text("".join(json.dumps(row) + "\n" for row in history))
     plot_history(history, out / "plot.png")
     final, name = history[-1], task.eval_name
+    if kind != "supervised":
+        grids = sorted((out / SAMPLES).glob("step_*.png"))
+        print(f"final {name} loss {final[f'{name}_loss']:.4f} after {final['seconds']:.1f} s, "
+              f"{final['skipped']} skipped steps; samples in {grids[-1] if grids else out}, "
+              f"metrics in {metrics_path}, checkpoints in {out / 'checkpoints'}; draw more "
+              f"with fnn sample {out}")
+        return
     if "bits_per_char" in task.metrics:
         result = f"final {name} bits per character: {final[f'{name}_bits_per_char']:.4f}"
     else:
@@ -260,7 +332,9 @@ def export(args: argparse.Namespace) -> int:
         weight_files[out.suffix](out, weights, overwrite=args.overwrite)
         what = f"the params and state ({len(flatten(weights))} arrays)"
     else:
-        exported = export_model(loaded.model, loaded.params, loaded.state, loaded.example,
+        # a model of several inputs (a diffusion model's (x_t, t, labels)) takes them as one
+        inputs = loaded.example if isinstance(loaded.example, tuple) else (loaded.example,)
+        exported = export_model(loaded.model, loaded.params, loaded.state, *inputs,
                                 batch_size=_batch_size(args.batch_size),
                                 platforms=None if args.platforms is None
                                 else args.platforms.split(","))
@@ -271,6 +345,114 @@ def export(args: argparse.Namespace) -> int:
     print(f"wrote {out} ({out.stat().st_size / 1e3:,.0f} kB): {what} of the run's "
           f"{loaded.config.model['name']} at step {loaded.step}")
     return 0
+
+
+SAMPLE_CHUNK = 250  # examples drawn per call of fnn sample's sampler: bounds its memory
+
+
+def sample(args: argparse.Namespace) -> int:
+    """Draws new examples from a GAN or diffusion run: FILE.npz and a PNG grid beside it."""
+    import warnings
+
+    import jax
+    import numpy as np
+
+    from fnn.app.plot import save_image_grid
+    from fnn.interop.weights import write_atomically
+
+    run = Path(args.run_dir)
+    config = run_config(run)
+    kind = run_kind(config)
+    if kind == "supervised":
+        raise ConfigError(f"{run}: fnn sample needs a gan or diffusion run, this one trained "
+                          f"{config.model['name']} on a {config.loss['name']} loss")
+    out = Path(args.out)
+    if out.suffix != ".npz":
+        raise ConfigError(f"--out must name an .npz file (the samples and labels), got {out}")
+    grid = out.with_suffix(".png")
+    if args.num < 1:
+        raise ConfigError(f"--num must be at least 1, got {args.num}")
+    options: dict = {}
+    classes = config.model.get("num_classes")
+    if kind == "gan":
+        for flag, value in (("--label", args.label), ("--steps", args.steps),
+                            ("--guidance", args.guidance)):
+            if value is not None:
+                raise ConfigError(f"{flag} is for a diffusion run; {run} trained a GAN")
+    else:
+        options["steps"] = _sample_steps(args.steps, config)
+        guidance = config.diffusion["guidance"] if args.guidance is None else args.guidance
+        if not guidance >= 0:
+            raise ConfigError(f"--guidance must be a number >= 0, got {guidance}")
+        options["guidance"] = guidance
+        if args.label is not None and classes is None:
+            raise ConfigError(f"--label is for a class-conditional model; {run} trained "
+                              f"{config.model['name']} without num_classes")
+        if args.label is not None and not 0 <= args.label < classes:
+            raise ConfigError(f"--label must be a class in [0, {classes}), got {args.label}")
+    for path in (out, grid):
+        if path.exists() and not args.overwrite:
+            raise FileExistsError(f"{path} exists: pass --overwrite to replace it")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        loaded = load_run(run)
+    for warning in caught:  # a corrupt newer checkpoint, left as it is
+        print(f"fnn: {warning.message}", file=sys.stderr)
+    labels = None
+    if classes is not None:
+        labels = (np.full(args.num, args.label, np.int32) if args.label is not None
+                  else (np.arange(args.num) % classes).astype(np.int32))
+    key = jax.random.key(args.seed)
+    chunks = []
+    for first in range(0, args.num, SAMPLE_CHUNK):
+        count = min(SAMPLE_CHUNK, args.num - first)
+        if labels is not None:
+            options["labels"] = labels[first:first + count]
+        chunks.append(np.asarray(loaded.learner.sample(
+            loaded.train_state, jax.random.fold_in(key, first), count, **options)))
+    samples = np.concatenate(chunks).astype(np.float32)
+    arrays = {"samples": samples} | ({} if labels is None else {"labels": labels})
+    data_range = _data_range(run)
+
+    def write_npz(f):
+        np.savez(f, **arrays)
+
+    write_atomically(out, write_npz, overwrite=args.overwrite)
+    save_image_grid(samples[:100], grid, data_range=data_range, columns=10)
+    how = ""
+    if kind == "diffusion":
+        steps = options["steps"]
+        how = (", ancestral sampling" if steps is None else f", {steps} DDIM steps") + \
+            f", guidance {options['guidance']}"
+    print(f"wrote {out}: samples {list(samples.shape)} in [{data_range[0]:g}, "
+          f"{data_range[1]:g}]{'' if labels is None else ' and labels'} from the "
+          f"{config.model['name']} at step {loaded.step}{how}; the first "
+          f"{min(args.num, 100)} in {grid}")
+    return 0
+
+
+def _sample_steps(value: str | None, config) -> int | None:
+    """``--steps``: the DDIM steps (an int), ``all`` (ancestral sampling through every step) or,
+    when absent, the config's ``diffusion.sample_steps``."""
+    timesteps = config.diffusion["timesteps"]
+    if value is None:
+        return config.diffusion["sample_steps"]
+    if value == "all":
+        return None
+    try:
+        steps = int(value)
+    except ValueError:
+        steps = 0
+    if not 1 <= steps <= timesteps:
+        raise ConfigError(f"--steps must be 'all' or a number of DDIM steps in [1, {timesteps}] "
+                          f"(the run's timesteps), got {value!r}")
+    return steps
+
+
+def _data_range(run: Path) -> tuple[float, float]:
+    """The data's range of values, as the run's ``inputs.json`` keeps it."""
+    raw = json.loads((run / "inputs.json").read_text(encoding="utf-8"))
+    return tuple(raw.get("data_range") or (0.0, 1.0))
 
 
 def _batch_size(value: str | None) -> int | str:
@@ -294,7 +476,7 @@ def summary(args: argparse.Namespace) -> int:
     config = load_config(args.config)
     task, filled, _ = task_of(config)
     x = jax.ShapeDtypeStruct(task.example.shape, task.example.dtype)
-    print(model_summary(build_model(config, **filled), x))
+    print(model_summary(build_model(config, **filled), model_input(config, x)))
     return 0
 
 
@@ -354,7 +536,27 @@ def _parser() -> argparse.ArgumentParser:
                                                 "(default: this machine's), e.g. cpu,cuda")
     export_cmd.add_argument("--overwrite", action="store_true", help="replace FILE if it exists")
     export_cmd.set_defaults(run=export)
-    for command in (train_cmd, gen_cmd, summary_cmd, export_cmd):  # --debug before or after
+    sample_cmd = commands.add_parser(
+        "sample", help="draw new examples from a GAN or diffusion run: an .npz and a PNG grid")
+    sample_cmd.add_argument("run_dir", help="the output_dir of an `fnn train` GAN or diffusion "
+                                            "run")
+    sample_cmd.add_argument("--num", type=int, default=100, help="how many examples")
+    sample_cmd.add_argument("--label", type=int, help="the class of every example (a "
+                                                      "class-conditional model; default: the "
+                                                      "classes in turn)")
+    sample_cmd.add_argument("--steps", help="DDIM steps, or 'all' for ancestral sampling "
+                                            "(default: the config's sample_steps)")
+    sample_cmd.add_argument("--guidance", type=float, help="classifier-free guidance scale "
+                                                           "(default: the config's)")
+    sample_cmd.add_argument("--seed", type=int, default=0)
+    sample_cmd.add_argument("--out", required=True,
+                            help="FILE.npz: samples [N, ...] in the data's scale (and labels); "
+                                 "the first 100 also as FILE.png")
+    sample_cmd.add_argument("--overwrite", action="store_true",
+                            help="replace FILE.npz and FILE.png if they exist")
+    sample_cmd.set_defaults(run=sample)
+    # --debug before or after the command
+    for command in (train_cmd, gen_cmd, summary_cmd, export_cmd, sample_cmd):
         command.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
                              help="show the traceback of an error instead of one line")
     return parser

@@ -16,11 +16,14 @@ A config has these sections (see ``configs/digits_cnn.yaml``)::
     parallel: {mode: none, devices: null}  # none | pmap | sharded; devices: how many (null: all)
     precision: float32                     # or bfloat16 / float16: compute dtype, f32 params
     checkpoint: {every: null, keep: 3}     # save every N steps (and at the end); keep the last K
+    eval_every: 1                          # evaluate (and log a metrics row) every N epochs
     max_bad_steps: 10                      # stop after this many non-finite steps in a row
     host_malloc: default                   # or tuned: see fnn.app.runtime.tune_host_malloc
     init: null                             # or {from: runs/x, take: [trunk/**]}: start from a run
     augment: null                          # or [{name: random_crop, padding: 1}, ...]: below
     mix: null                              # or {name: mixup, alpha: 0.2} (or cutmix): below
+    gan: null                              # a GAN: {discriminator: {name: ...}, ...}: below
+    diffusion: null                        # a diffusion model: {noise_schedule: cosine, ...}
 
 Parameter groups (:mod:`fnn.train.groups`; patterns are paths like ``trunk/**`` or ``**/b``):
 ``optimizer.frozen`` lists the parameters that are not trained (no update, no optimizer state);
@@ -61,6 +64,29 @@ arguments) applied to image batches in training only, in order, before the model
 params are the same as without them. ``mix`` mixes every training batch with a permutation
 of itself, inputs and labels (:func:`fnn.mixup`; :func:`fnn.cutmix` pastes a box of the other
 image), for ``softmax_cross_entropy``, which takes the mixed (soft) labels.
+
+Generative models train on images (``digits``, ``images``, ``arrays``) in the data's own scale
+(the training images' smallest to largest value, kept in ``inputs.json``), with no ``loss``
+section: the section of their kind gives the objective (:mod:`fnn.train.generative`)::
+
+    model: {name: dcgan_generator, latent_features: 32, ...}
+    gan:
+      discriminator: {name: dcgan_discriminator, spectral_norm: true, ...}
+      loss: non_saturating                 # or hinge
+      optimizer: {name: adam, ...}         # the discriminator's (default: the optimizer's)
+
+    model: {name: unet, num_classes: 10, ...}        # num_classes: class conditional
+    diffusion:
+      noise_schedule: cosine               # or linear
+      timesteps: 1000
+      ema_decay: 0.999                     # of the weights the samples use
+      label_dropout: 0.1                   # null labels, for classifier-free guidance
+      sample_steps: 50                     # DDIM steps of the samples at each evaluation
+                                           # (null: ancestral sampling through every step)
+      guidance: 2.0                        # their classifier-free guidance scale
+
+Each evaluation of a generative run writes a grid of samples to ``samples/`` in the run
+directory; ``fnn sample RUN_DIR`` draws more.
 """
 
 from __future__ import annotations
@@ -77,7 +103,10 @@ from fnn.app.values import ConfigError, check_arguments, check_value, load_yaml
 from fnn.layers.augment import (Cutout, GaussianNoise, RandomCrop, RandomFlip, RandomTranslate,
                                 cutmix, mixup)
 from fnn.losses import LOSSES
-from fnn.models import GPT, MLP, CharLSTM, LeNet, ResNet, TransformerClassifier, ViT
+from fnn.diffusion import SCHEDULES as NOISE_SCHEDULES
+from fnn.losses import GAN_LOSSES
+from fnn.models import (GPT, MLP, CharLSTM, DCGANDiscriminator, DCGANGenerator, LeNet, ResNet,
+                        TransformerClassifier, UNet, ViT)
 from fnn.train.parallel import MODES
 
 __all__ = ["Config", "ConfigError", "parse_config", "load_config", "build_model",
@@ -86,7 +115,11 @@ __all__ = ["Config", "ConfigError", "parse_config", "load_config", "build_model"
 
 MODELS: dict[str, Callable] = {"mlp": MLP, "lenet": LeNet, "resnet": ResNet, "vit": ViT,
                                "charlstm": CharLSTM, "gpt": GPT,
-                               "transformer_classifier": TransformerClassifier}
+                               "transformer_classifier": TransformerClassifier,
+                               "dcgan_generator": DCGANGenerator, "unet": UNet}
+# the models of a generative run and the config section that says how they train
+GENERATIVE_MODELS = {"dcgan_generator": "gan", "unet": "diffusion"}
+DISCRIMINATORS: dict[str, Callable] = {"dcgan_discriminator": DCGANDiscriminator}
 _IMAGES = ("digits", "images", "arrays")
 # the data each model trains on; the model arguments that the data fills in (never given in a
 # config); and those it fills in when the config leaves them out (the number of classes)
@@ -96,6 +129,8 @@ MODEL_DATA: dict[str, tuple[tuple[str, ...], tuple[str, ...], tuple[str, ...]]] 
     "vit": (_IMAGES, (), ("num_classes",)),
     "charlstm": (("text",), ("vocab_size",), ()), "gpt": (("text",), ("vocab_size",), ()),
     "transformer_classifier": (("text_classes",), ("vocab_size",), ("num_classes",)),
+    "dcgan_generator": (_IMAGES, ("image_size", "channels"), ()),
+    "unet": (_IMAGES, ("channels",), ()),
 }
 LANGUAGE_DATA = ("text",)  # next-character prediction; the rest is classification
 AUGMENTATIONS: dict[str, Callable] = {
@@ -119,8 +154,12 @@ DATASETS = {"digits": ({"batch_size"}, set()),
             "images": ({"batch_size", "path", "size"}, _SPLIT | {"channels"}),
             "text_classes": ({"batch_size", "path", "seq_len"}, _SPLIT)}
 _OPTIONAL = {"parallel": {"mode": "none", "devices": None}, "precision": "float32",
-             "checkpoint": {"every": None, "keep": 3}, "max_bad_steps": 10,
-             "host_malloc": "default", "init": None, "augment": None, "mix": None}
+             "checkpoint": {"every": None, "keep": 3}, "eval_every": 1, "max_bad_steps": 10,
+             "host_malloc": "default", "init": None, "augment": None, "mix": None,
+             "loss": None, "gan": None, "diffusion": None}
+GAN_OPTIONS = {"discriminator": None, "loss": "non_saturating", "optimizer": None}
+DIFFUSION_OPTIONS = {"noise_schedule": "cosine", "timesteps": 1000, "ema_decay": 0.999,
+                     "label_dropout": 0.1, "sample_steps": 50, "guidance": 2.0}
 # keys of the optimizer section that are fnn's, not the optax optimizer's
 GROUP_KEYS = ("frozen", "groups", "weight_decay_mask")
 DECAY_MASKS = ("weights", "all")
@@ -132,24 +171,27 @@ class Config:
     data: dict[str, Any]  # data set name and batch_size
     optimizer: dict[str, Any]  # optax optimizer name and its keyword arguments
     schedule: dict[str, Any]  # learning-rate schedule over the whole run
-    loss: dict[str, Any]  # loss name and its keyword arguments
+    loss: dict[str, Any] | None  # loss name and its keyword arguments (None: generative)
     epochs: int  # passes over the training set
     seed: int  # initialisation, shuffling and dropout all derive from it
     output_dir: str  # where metrics.jsonl, plot.png and checkpoints/ are written
     parallel: dict[str, Any]  # {"mode": none | pmap | sharded, "devices": int or None (all)}
     precision: str  # float32 | bfloat16 | float16 (the compute dtype; params stay float32)
     checkpoint: dict[str, Any]  # {"every": steps or None (only at the end), "keep": K}
+    eval_every: int  # epochs between evaluations (and history rows; and the last epoch's)
     max_bad_steps: int  # consecutive non-finite steps before the run stops
     host_malloc: str  # default | tuned (glibc keeps freed memory: big steps stop faulting)
     init: dict[str, Any] | None  # {"from": run dir, "take": patterns}: start from a run's params
     augment: list[dict[str, Any]] | None  # augmentation layers applied in training, in order
     mix: dict[str, Any] | None  # {"name": mixup | cutmix, "alpha": a}: batches mixed in training
+    gan: dict[str, Any] | None  # a GAN run: its discriminator, loss and optimizer
+    diffusion: dict[str, Any] | None  # a diffusion run: noise schedule, EMA, sampling
 
 
 _TOP_LEVEL = {f.name: f.type for f in dataclasses.fields(Config)}
 _REQUIRED = [key for key in _TOP_LEVEL if key not in _OPTIONAL]
 _SCALARS = {"epochs": int, "seed": int, "output_dir": str, "precision": str,
-            "max_bad_steps": int, "host_malloc": str}
+            "eval_every": int, "max_bad_steps": int, "host_malloc": str}
 
 
 def _unknown(where: str, key: str, allowed: set[str]) -> ConfigError:
@@ -225,7 +267,7 @@ def parse_config(raw: Any) -> Config:
     for key, kind in _SCALARS.items():
         if not isinstance(raw[key], kind) or isinstance(raw[key], bool):
             raise ConfigError(f"{key} must be {kind.__name__}, got {raw[key]!r}")
-    for key in ("epochs", "max_bad_steps"):
+    for key in ("epochs", "eval_every", "max_bad_steps"):
         if raw[key] <= 0:
             raise ConfigError(f"{key} must be positive, got {raw[key]}")
     if raw["precision"] not in PRECISIONS:
@@ -265,15 +307,107 @@ def parse_config(raw: Any) -> Config:
     for key, kind in (("warmup_steps", "int"), ("end_value", "number")):
         if key in schedule_kwargs:
             check_value(f"schedule ({schedule_name})", key, schedule_kwargs[key], kind)
-    loss_name, loss_kwargs = _named_section(raw, "loss", LOSSES)
-    _check_signature(f"loss ({loss_name})", LOSSES[loss_name], loss_kwargs,
-                     skip=("logits", "labels", "predictions", "targets"))
-    check_arguments(f"loss ({loss_name})", LOSSES[loss_name], loss_kwargs)
-    raw["mix"] = _check_mix(raw["mix"], data_name, loss_name)
+    kind = _run_kind(raw, model_name)
+    if kind == "supervised":
+        loss_name, loss_kwargs = _named_section(raw, "loss", LOSSES)
+        _check_signature(f"loss ({loss_name})", LOSSES[loss_name], loss_kwargs,
+                         skip=("logits", "labels", "predictions", "targets"))
+        check_arguments(f"loss ({loss_name})", LOSSES[loss_name], loss_kwargs)
+        raw["mix"] = _check_mix(raw["mix"], data_name, loss_name)
+    else:
+        _check_generative(raw, kind, model_name)
     config = Config(**{key: dict(raw[key]) if isinstance(raw[key], Mapping) else raw[key]
                        for key in _TOP_LEVEL})
     _check_model(config)
     return config
+
+
+def _run_kind(raw: Mapping[str, Any], model_name: str) -> str:
+    """``"supervised"``, ``"gan"`` or ``"diffusion"``: what the config's sections say, checked
+    against its model (a generator needs its section, a classifier takes none)."""
+    given = [kind for kind in ("gan", "diffusion") if raw[kind] is not None]
+    if len(given) > 1:
+        raise ConfigError("a config trains one kind of model: give gan or diffusion, not both")
+    wanted = GENERATIVE_MODELS.get(model_name)
+    kind = given[0] if given else None
+    if wanted is not None and kind != wanted:
+        raise ConfigError(f"model {model_name} is trained as a {wanted}: add a {wanted} section"
+                          + ("" if kind is None else f" in place of {kind}"))
+    if wanted is None and kind is not None:
+        models = ", ".join(name for name, k in GENERATIVE_MODELS.items() if k == kind)
+        raise ConfigError(f"a {kind} section needs a model made for it ({models}), got model "
+                          f"{model_name}")
+    if kind is None and raw["loss"] is None:
+        raise ConfigError("the config is missing loss")
+    return kind or "supervised"
+
+
+def _check_generative(raw: dict[str, Any], kind: str, model_name: str) -> None:
+    """The ``gan`` or ``diffusion`` section, checked and completed with its defaults in
+    ``raw``; a generative run takes no ``loss``, ``mix``, ``augment`` or ``init``."""
+    for key, what in (("loss", f"the {kind} section gives the objective"),
+                      ("mix", "it mixes a classifier's labels"),
+                      ("augment", "it augments a classifier's inputs"),
+                      ("init", "a generative run starts from its own init")):
+        if raw[key]:
+            raise ConfigError(f"{key}: not for a {kind} run ({what}); remove it")
+    if kind == "gan":
+        section = _options("gan", raw["gan"], GAN_OPTIONS)
+        if section["discriminator"] is None:
+            raise ConfigError("gan is missing discriminator (a mapping with a name: "
+                              f"{', '.join(DISCRIMINATORS)})")
+        name, kwargs = _named_section(section, "discriminator", DISCRIMINATORS)
+        where = f"gan.discriminator ({name})"
+        for key in _FROM_IMAGES:
+            if key in kwargs:
+                raise ConfigError(f"{where}: {key} comes from the data; remove it")
+        _check_signature(where, DISCRIMINATORS[name], kwargs, skip=_FROM_IMAGES)
+        check_arguments(where, DISCRIMINATORS[name], kwargs)
+        try:
+            DISCRIMINATORS[name](**kwargs)
+        except (ValueError, TypeError) as e:
+            raise ConfigError(f"{where}: {e}") from None
+        if section["loss"] not in GAN_LOSSES:
+            raise _unknown("gan.loss", str(section["loss"]), set(GAN_LOSSES))
+        if section["optimizer"] is not None:
+            checked = {"optimizer": section["optimizer"]}
+            try:
+                _check_optimizer(checked)
+            except ConfigError as e:
+                raise ConfigError(f"gan: {e}") from None
+            for key in GROUP_KEYS[:2]:
+                if key in checked["optimizer"]:
+                    raise ConfigError(f"gan.optimizer: {key} is not for a GAN's discriminator")
+            section["optimizer"] = dict(checked["optimizer"])
+        section["discriminator"] = dict(section["discriminator"])
+        raw["gan"] = section
+        return
+    section = _options("diffusion", raw["diffusion"], DIFFUSION_OPTIONS)
+    if section["noise_schedule"] not in NOISE_SCHEDULES:
+        raise _unknown("diffusion.noise_schedule", str(section["noise_schedule"]),
+                       set(NOISE_SCHEDULES))
+    steps = section["timesteps"]
+    if not isinstance(steps, int) or isinstance(steps, bool) or steps < 2:
+        raise ConfigError(f"diffusion.timesteps must be an int >= 2, got {steps!r}")
+    for key in ("ema_decay", "label_dropout"):
+        check_value("diffusion", key, section[key], "number")
+        if not 0 <= section[key] < 1:
+            raise ConfigError(f"diffusion.{key} must be in [0, 1), got {section[key]!r}")
+    sample_steps = section["sample_steps"]
+    if sample_steps is not None:
+        _positive_or_none("diffusion.sample_steps", sample_steps)
+        if sample_steps > steps:
+            raise ConfigError(f"diffusion.sample_steps ({sample_steps}) must be at most the "
+                              f"timesteps ({steps}); null samples through every step")
+    check_value("diffusion", "guidance", section["guidance"], "number")
+    if not section["guidance"] >= 0:
+        raise ConfigError(f"diffusion.guidance must be >= 0, got {section['guidance']!r}")
+    raw["diffusion"] = section
+
+
+def run_kind(config: Config) -> str:
+    """``"supervised"``, ``"gan"`` or ``"diffusion"``."""
+    return "gan" if config.gan else "diffusion" if config.diffusion else "supervised"
 
 
 def _check_data(name: str, kwargs: Mapping[str, Any]) -> None:
@@ -429,12 +563,16 @@ def _check_init(value: Any) -> dict[str, Any] | None:
     return {"from": value["from"], "take": _patterns("init.take", value.get("take", ["**"]))}
 
 
+_STAND_INS = {"image_size": 8, "channels": 1}  # filled in by the data, to check a model early
+_FROM_IMAGES = ("image_size", "channels")  # what a generative model's data says of its images
+
+
 def _check_model(config: Config) -> None:
     """Builds the model (closures only: no JAX computation) so that its own checks of its
     hyper-parameters run now, and checks the data's windows against its ``max_length``."""
     name = config.model["name"]
     # stand-ins for what the data fills in
-    filled = {key: 2 for key in MODEL_DATA[name][1] + MODEL_DATA[name][2]
+    filled = {key: _STAND_INS.get(key, 2) for key in MODEL_DATA[name][1] + MODEL_DATA[name][2]
               if key not in config.model}
     try:
         build_model(config, **filled)
@@ -498,11 +636,13 @@ def build_schedule(config: Config, total_steps: int,
                                               kwargs.get("end_value", 0.0))
 
 
-def build_optimizer(config: Config, total_steps: int) -> optax.GradientTransformation:
-    """The optimizer over the whole run, with its parameter groups and weight-decay mask."""
+def build_optimizer(config: Config, total_steps: int,
+                    section: Mapping[str, Any] | None = None) -> optax.GradientTransformation:
+    """The optimizer over the whole run, with its parameter groups and weight-decay mask
+    (``section``: another optimizer section than the config's, a GAN discriminator's)."""
     from fnn.train.groups import decay_mask, param_groups
 
-    section = config.optimizer
+    section = config.optimizer if section is None else section
     fn = OPTIMIZERS[section["name"]]
     base = {k: v for k, v in section.items() if k not in ("name", "learning_rate", *GROUP_KEYS)}
     if "mask" in inspect.signature(fn).parameters and section.get(
@@ -512,7 +652,9 @@ def build_optimizer(config: Config, total_steps: int) -> optax.GradientTransform
     def make(arguments: Mapping[str, Any]) -> optax.GradientTransformation:
         kwargs = base | {k: v for k, v in arguments.items() if k not in ("params",
                                                                           "learning_rate")}
-        return fn(build_schedule(config, total_steps, arguments.get("learning_rate")), **kwargs)
+        return fn(build_schedule(config, total_steps,
+                                 arguments.get("learning_rate", section["learning_rate"])),
+                  **kwargs)
 
     groups = section.get("groups", [])
     if not groups and "frozen" not in section:
@@ -555,6 +697,19 @@ def build_model(config: Config, **filled: Any):
         model = _augmented([AUGMENTATIONS[a["name"]](**{k: v for k, v in a.items()
                                                          if k != "name"})
                             for a in config.augment], model)
+    return model if config.precision == "float32" else with_policy(
+        model, Policy.parse(config.precision))
+
+
+def build_discriminator(config: Config, **filled: Any):
+    """A GAN config's discriminator, in the run's precision policy; ``filled``: what the data
+    says of the images (``image_size``, ``channels``), given where the factory takes it."""
+    from fnn.precision import Policy, with_policy
+
+    factory = DISCRIMINATORS[config.gan["discriminator"]["name"]]
+    takes = inspect.signature(factory).parameters
+    kwargs = {k: v for k, v in config.gan["discriminator"].items() if k != "name"}
+    model = factory(**kwargs, **{k: v for k, v in filled.items() if k in takes})
     return model if config.precision == "float32" else with_policy(
         model, Policy.parse(config.precision))
 

@@ -52,3 +52,49 @@ def _inline_figure() -> type:
 
     return HistoryFigure
 
+
+
+def image_grid(images: Any, *, data_range: Sequence[float], columns: int | None = None,
+               scale: int = 4, gap: int = 1) -> Any:
+    """A grid of images ``[N, H, W, C]`` (C 1 or 3, values in ``data_range``) as one ``uint8``
+    picture ``[rows * (H * scale + gap) + gap, ..., C]``: ``columns`` per row (default: the
+    square root of N, rounded up), each image enlarged ``scale`` times (nearest neighbour) and
+    separated by ``gap`` pixels of the lowest value. Values outside the range are clipped."""
+    import numpy as np
+
+    images = np.asarray(images, np.float32)
+    if images.ndim != 4 or images.shape[-1] not in (1, 3) or not len(images):
+        raise ValueError(f"image_grid: expected images [N, H, W, 1 or 3], got shape "
+                         f"{images.shape}")
+    low, high = (float(v) for v in data_range)
+    if not high > low:
+        raise ValueError(f"image_grid: data_range must have low < high, got {data_range!r}")
+    n, h, w, c = images.shape
+    columns = int(np.ceil(np.sqrt(n))) if columns is None else columns
+    if columns <= 0:
+        raise ValueError(f"image_grid: columns must be positive, got {columns}")
+    rows = -(-n // columns)
+    pixels = np.round((np.clip(images, low, high) - low) / (high - low) * 255).astype(np.uint8)
+    pixels = pixels.repeat(scale, axis=1).repeat(scale, axis=2)
+    cell_h, cell_w = h * scale + gap, w * scale + gap
+    grid = np.zeros((rows * cell_h + gap, columns * cell_w + gap, c), np.uint8)
+    for i, image in enumerate(pixels):
+        top, left = gap + (i // columns) * cell_h, gap + (i % columns) * cell_w
+        grid[top:top + h * scale, left:left + w * scale] = image
+    return grid
+
+
+def save_image_grid(images: Any, path: str | Path, *, data_range: Sequence[float],
+                    columns: int | None = None, scale: int = 4) -> Path:
+    """:func:`image_grid` written as a PNG to ``path`` (written whole: a reader never sees a
+    part); returns the path."""
+    import os
+
+    from PIL import Image
+
+    grid = image_grid(images, data_range=data_range, columns=columns, scale=scale)
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    Image.fromarray(grid[..., 0] if grid.shape[-1] == 1 else grid).save(tmp, format="PNG")
+    os.replace(tmp, path)
+    return path

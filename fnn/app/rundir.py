@@ -2,8 +2,9 @@
 
 ``fnn train`` writes ``config.yaml`` (the config as run), ``metrics.jsonl`` (one JSON line per
 evaluation), ``plot.png``, ``checkpoints/step_*``, ``inputs.json`` (the shape and dtype of one
-input and the model arguments the data filled in: the run's model is rebuilt from them without
-its data) and, for data with a vocabulary, ``vocab.json``.
+input, the data's range of values and the model arguments the data filled in: the run's model
+is rebuilt from them without its data), for data with a vocabulary ``vocab.json``, and for a
+generative run ``samples/step_*.png``, a grid of samples at each evaluation.
 
 - A fresh run into a directory that holds a run is refused unless ``--overwrite`` is given
   (``--resume`` continues it instead).
@@ -28,6 +29,7 @@ from fnn.train.checkpoint import (CheckpointError, latest_step, restore_latest_i
 
 RUN_FILES = ("config.yaml", "metrics.jsonl", "plot.png", "vocab.json", "inputs.json")
 CHECKPOINTS = "checkpoints"
+SAMPLES = "samples"  # a generative run's grids of samples, one PNG per evaluation
 # what may change when a run is resumed: how long, where and how it runs, not what it trains
 RESUMABLE = frozenset({"epochs", "output_dir", "parallel", "checkpoint", "max_bad_steps",
                        "host_malloc"})
@@ -47,9 +49,9 @@ def existing_run(out: Path) -> list[str]:
     if not out.is_dir():
         return []
     found = [name for name in RUN_FILES if (out / name).exists()]
-    checkpoints = out / CHECKPOINTS
-    if checkpoints.is_dir() and any(checkpoints.iterdir()):
-        found.append(f"{CHECKPOINTS}/")
+    for folder in (CHECKPOINTS, SAMPLES):
+        if (out / folder).is_dir() and any((out / folder).iterdir()):
+            found.append(f"{folder}/")
     return found
 
 
@@ -117,10 +119,13 @@ def _check_same_config(out: Path, config: Any) -> None:
 def _as_written_today(previous: dict, current: dict) -> dict:
     """A run's config as this version writes it: the keys added since with the value that
     means what the run did (a run of 0.1 decayed every parameter: ``weight_decay_mask: all``;
-    it had no ``init``, ``augment`` or ``mix``)."""
+    it had no ``init``, ``augment``, ``mix``, ``gan`` or ``diffusion``, and evaluated every
+    epoch)."""
     if not isinstance(previous, dict):
         return {}
-    previous = {key: None for key in ("init", "augment", "mix")} | previous
+    previous = {key: None for key in ("init", "augment", "mix", "gan", "diffusion")} | previous
+    if "eval_every" in current and "eval_every" not in previous:
+        previous["eval_every"] = 1
     optimizer = previous.get("optimizer")
     if (isinstance(optimizer, dict) and "weight_decay_mask" not in optimizer
             and "weight_decay_mask" in current.get("optimizer", {})):
@@ -157,8 +162,9 @@ def prepare(out: Path, config: Any, vocab: Any, run_plan: Plan,
     for bad, _ in run_plan.corrupt:
         set_aside(root, bad)
     if run_plan.clear:
-        if root.exists():
-            shutil.rmtree(root)
+        for folder in (root, out / SAMPLES):
+            if folder.exists():
+                shutil.rmtree(folder)
         for name in RUN_FILES:
             (out / name).unlink(missing_ok=True)
     out.mkdir(parents=True, exist_ok=True)

@@ -16,8 +16,9 @@ import warnings
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from fnn.app.config import (LANGUAGE_DATA, MODEL_DATA, Config, ConfigError, build_model,
-                            load_config)
+from fnn.app.config import (LANGUAGE_DATA, MODEL_DATA, MODELS, NOISE_SCHEDULES, Config,
+                            ConfigError, build_discriminator, build_loss, build_mix, build_model,
+                            build_optimizer, load_config, run_kind)
 from fnn.app.rundir import CHECKPOINTS, read_vocab
 
 
@@ -43,11 +44,84 @@ def task_of(config: Config):
     task = classification_task(labelled, data["batch_size"], seed=config.seed)
     filled = {key: task.num_classes for key in MODEL_DATA[config.model["name"]][2]
               if key not in config.model}
+    filled |= _image_arguments(config, task.example)
     if vocab is not None:  # ids 1..size are characters, 0 padding, size + 1 unknown
         from fnn.data.files import num_text_ids
 
         filled["vocab_size"] = num_text_ids(vocab)
     return task, filled, vocab
+
+
+def _image_arguments(config: Config, example) -> dict[str, Any]:
+    """What a generative model's images are like (``image_size``, ``channels``), from the
+    data: the arguments of its factory that :data:`MODEL_DATA` says the data fills in."""
+    wanted = MODEL_DATA[config.model["name"]][1]
+    if not {"image_size", "channels"} & set(wanted):
+        return {}
+    shape = tuple(example.shape[1:])
+    if len(shape) != 3 or ("image_size" in wanted and shape[0] != shape[1]):
+        raise ConfigError(f"model ({config.model['name']}) makes square images [size, size, "
+                          f"channels]; the data's are {list(shape)}")
+    values = {"image_size": int(shape[0]), "channels": int(shape[-1])}
+    return {key: values[key] for key in wanted}
+
+
+def model_input(config: Config, x: Any) -> Any:
+    """What the config's model is given for a batch of data ``x`` (a spec): ``x`` itself, a
+    GAN generator's latents ``[B, latent_features]``, or a diffusion model's ``(x_t, t)`` (and
+    ``labels`` when class-conditional)."""
+    import inspect
+
+    import jax
+    import jax.numpy as jnp
+
+    n = x.shape[0]
+    if config.gan is not None:
+        latent = config.model.get("latent_features", inspect.signature(
+            MODELS[config.model["name"]]).parameters["latent_features"].default)
+        return jax.ShapeDtypeStruct((n, latent), jnp.float32)
+    if config.diffusion is not None:
+        t = jax.ShapeDtypeStruct((n,), jnp.int32)
+        x = jax.ShapeDtypeStruct(x.shape, jnp.float32)
+        return (x, t) if config.model.get("num_classes") is None else (x, t, t)
+    return x
+
+
+def learner_of(config: Config, task: Any, filled: dict[str, Any], steps: int, *,
+               start: tuple[Any, Any] = (None, None), optimizer: Any = None):
+    """The config's learner (:class:`fnn.train.Learner`) and its main model (a classifier, a
+    GAN's generator, a diffusion model's denoiser), for a run of ``steps`` steps on ``task``.
+    ``start``: the params and state a supervised run starts from (:func:`start_weights`);
+    ``optimizer``: every network's, in place of the config's (a run loaded to sample from
+    needs none: ``optax.identity()``)."""
+    from fnn.train import diffusion, gan, supervised
+
+    model = build_model(config, **filled)
+    given = optimizer
+    optimizer = build_optimizer(config, steps) if given is None else given
+    kind = run_kind(config)
+    if kind == "supervised":
+        return supervised(model, optimizer, build_loss(config), task.metrics,
+                          mix=build_mix(config, task.num_classes), params=start[0],
+                          state=start[1]), model
+    data_range = task.data_range if task.data_range is not None else (0.0, 1.0)
+    if data_range[0] == data_range[1]:
+        raise ConfigError(f"data ({config.data['name']}): every training input has the value "
+                          f"{data_range[0]}: there is nothing to learn to generate")
+    if kind == "gan":
+        section = config.gan
+        latent = model_input(config, task.example).shape[-1]
+        d_optimizer = given if given is not None or section["optimizer"] is None else \
+            build_optimizer(config, steps, section["optimizer"])
+        return gan(model, build_discriminator(config, **filled), optimizer, d_optimizer,
+                   latent_features=latent, loss=section["loss"], data_range=data_range), model
+    section = config.diffusion
+    return diffusion(model, optimizer,
+                     NOISE_SCHEDULES[section["noise_schedule"]](section["timesteps"]),
+                     example_shape=tuple(task.example.shape[1:]),
+                     num_classes=config.model.get("num_classes"),
+                     label_dropout=section["label_dropout"], ema_decay=section["ema_decay"],
+                     data_range=data_range), model
 
 
 def _own_data(data: dict[str, Any]):
@@ -81,14 +155,18 @@ def run_config(run: Path) -> Config:
 class Run(NamedTuple):
     """A run of ``fnn train`` at one checkpoint."""
 
-    model: Any  # the config's model (with its precision policy)
-    params: Any
+    model: Any  # the config's model (with its precision policy): a GAN's generator
+    params: Any  # its params: a diffusion model's moving average (what its samples use)
     state: Any
     config: Config
     vocab: Any  # fnn.data.Vocab of a run whose data has one (text, text_classes), else None
     step: int  # the checkpoint's step
     history: list[dict[str, Any]]  # the metrics rows up to that step
-    example: Any = None  # one input's shape and dtype, [1, ...] (a jax.ShapeDtypeStruct)
+    example: Any = None  # the model's input for one example, [1, ...] (jax.ShapeDtypeStructs:
+    #                      a GAN generator's latents, a diffusion model's (x_t, t, labels))
+    learner: Any = None  # a generative run's fnn.train.Learner (its sample draws new examples)
+    train_state: Any = None  # what learner.sample reads: a TrainState of the params, state
+    #                          and ema (its opt_state, step, key and counters are None)
 
 
 def load_run(run_dir: str | Path, *, step: int | None = None) -> Run:
@@ -99,40 +177,81 @@ def load_run(run_dir: str | Path, *, step: int | None = None) -> Run:
 
     from fnn.core import as_spec
     from fnn.data import Vocab
-    from fnn.train.checkpoint import CheckpointError, restore_checkpoint, restore_latest_intact
 
     run = Path(run_dir)
     config = run_config(run)
     vocab = Vocab(read_vocab(run / "vocab.json")) if (run / "vocab.json").exists() else None
     filled: dict[str, Any] = {}
+    data_range = None
     if (run / "inputs.json").exists():  # the model without the data
-        example, filled = _read_inputs(run / "inputs.json")
+        example, filled, data_range = _read_inputs(run / "inputs.json")
     elif config.data["name"] in LANGUAGE_DATA:
         filled = {"vocab_size": _vocab_size(run, vocab)}
         example = np.zeros((1, config.data["seq_len"]), np.int32)
     else:  # a run without inputs.json: the data gives the input's shape and the classes
         task, filled, data_vocab = task_of(config)
         vocab = vocab or data_vocab
-        example = task.example[:1]
+        example, data_range = task.example[:1], task.data_range
     if config.data["name"] in VOCAB_DATA:
         _vocab_size(run, vocab)  # the ids mean nothing without it
+    if run_kind(config) != "supervised":
+        return _load_generative(run, config, example, filled, data_range, step)
     model = build_model(config, **filled)
     like_params, like_state = jax.eval_shape(model.init, jax.random.key(0), as_spec(example))
+    (params, state), meta, step = _restore(run, {"params": like_params, "state": like_state},
+                                           step)
+    return Run(model, params, state, config, vocab, step, list(meta.get("history", [])),
+               as_spec(example))
+
+
+def _restore(run: Path, likes: dict[str, Any], step: int | None):
+    """The subtrees named by ``likes`` of a run's checkpoint ``step`` (default: the newest that
+    restores, a newer corrupt one named in a warning), its metadata and its step."""
+    from fnn.train.checkpoint import CheckpointError, restore_checkpoint, restore_latest_intact
+
     root = run / CHECKPOINTS
+    names = list(likes)
     try:
         if step is None:
-            params, meta, step, corrupt = restore_latest_intact(root, like_params,
-                                                                subtree="params")
+            first, meta, step, corrupt = restore_latest_intact(root, likes[names[0]],
+                                                               subtree=names[0])
             for bad, reason in corrupt:
                 warnings.warn(f"load_run: the checkpoint of step {bad} in {root} is corrupt "
-                              f"({' '.join(reason.split())}); using step {step}", stacklevel=2)
+                              f"({' '.join(reason.split())}); using step {step}", stacklevel=3)
         else:
-            params, meta = restore_checkpoint(root, like_params, step=step, subtree="params")
-        state, _ = restore_checkpoint(root, like_state, step=step, subtree="state")
+            first, meta = restore_checkpoint(root, likes[names[0]], step=step, subtree=names[0])
+        rest = [restore_checkpoint(root, likes[name], step=step, subtree=name)[0]
+                for name in names[1:]]
     except CheckpointError as e:
         raise ConfigError(f"cannot load the run in {run}: {' '.join(str(e).split())}") from None
-    return Run(model, params, state, config, vocab, int(step), list(meta.get("history", [])),
-               as_spec(example))
+    return [first] + rest, meta, int(step)
+
+
+def _load_generative(run: Path, config: Config, example, filled, data_range, step) -> Run:
+    """A GAN or diffusion run: its learner and the parts of its train state that sampling
+    reads (params, state, ema)."""
+    import jax
+    import optax
+
+    from fnn.core import as_spec
+    from fnn.train.state import TrainState
+    from fnn.train.tasks import Task
+
+    spec = as_spec(example)
+    stand_in = Task(spec, 1, None, None, "test", {}, None, data_range)
+    learner, model = learner_of(config, stand_in, filled, 1, optimizer=optax.identity())
+    like = jax.eval_shape(learner.init, jax.random.key(0), spec)
+    names = ["params", "state"] + (["ema"] if like.ema is not None else [])
+    restored, meta, step = _restore(run, {name: getattr(like, name) for name in names}, step)
+    parts = dict(zip(names, restored))
+    ts = TrainState(parts["params"], parts["state"], None, None, None, None, None,
+                    parts.get("ema"))
+    if config.gan is not None:
+        params, state = ts.params["generator"], ts.state["generator"]
+    else:
+        params, state = ts.ema, ts.state
+    return Run(model, params, state, config, None, step, list(meta.get("history", [])),
+               model_input(config, spec), learner, ts)
 
 
 VOCAB_DATA = ("text", "text_classes")  # data whose ids are characters of a vocab.json
@@ -150,10 +269,12 @@ def inputs_of(task: Any, filled: dict[str, Any]) -> dict[str, Any]:
     import numpy as np
 
     example = np.asarray(task.example[:1])
-    return {"shape": list(example.shape), "dtype": example.dtype.name, "filled": filled}
+    data_range = None if task.data_range is None else list(task.data_range)
+    return {"shape": list(example.shape), "dtype": example.dtype.name, "filled": filled,
+            "data_range": data_range}
 
 
-def _read_inputs(path: Path) -> tuple[Any, dict[str, Any]]:
+def _read_inputs(path: Path) -> tuple[Any, dict[str, Any], tuple[float, float] | None]:
     import jax
     import numpy as np
 
@@ -161,10 +282,14 @@ def _read_inputs(path: Path) -> tuple[Any, dict[str, Any]]:
         raw = json.loads(path.read_text(encoding="utf-8"))
         spec = jax.ShapeDtypeStruct(tuple(int(n) for n in raw["shape"]), np.dtype(raw["dtype"]))
         filled = dict(raw["filled"])
+        data_range = raw.get("data_range")  # absent in the runs of fnn 0.1
+        if data_range is not None:
+            low, high = (float(v) for v in data_range)
+            data_range = (low, high)
     except (ValueError, KeyError, TypeError) as e:
         raise ConfigError(f"{path} is not an inputs file of fnn's: "
                           f"{' '.join(str(e).split())}") from None
-    return spec, filled
+    return spec, filled, data_range
 
 
 def start_weights(config: Config, model: Any, example: Any) -> tuple[Any, Any]:

@@ -43,6 +43,7 @@ from fnn import data as data  # noqa: E402 - submodules after the names they use
 from fnn import interop as interop  # noqa: E402
 from fnn import losses as losses  # noqa: E402
 from fnn import models as models  # noqa: E402
+from fnn import quality as quality  # noqa: E402
 from fnn import train as train  # noqa: E402
 
 __version__ = "0.1.0"

@@ -2,6 +2,10 @@
 
 A cell that raises (including a failed ``assert`` in the notebook) fails the test, with the
 cell's traceback in the report. The notebooks are also checked to be saved without outputs.
+
+The kernel runs with ``FNN_NOTEBOOK_QUICK=1`` in its environment: a notebook that trains for
+minutes at its full settings (the GAN and diffusion ones) reads it in its first code cell and
+runs its short settings instead.
 """
 
 from __future__ import annotations
@@ -28,7 +32,8 @@ def test_notebook_saved_without_outputs(path):
 
 
 @pytest.mark.parametrize("path", PATHS, ids=[p.name for p in PATHS])
-def test_notebook_runs(path):
+def test_notebook_runs(path, monkeypatch):
+    monkeypatch.setenv("FNN_NOTEBOOK_QUICK", "1")  # the kernel inherits the environment
     nb = nbformat.read(path, as_version=4)
     # a notebook that needs an optional extra says so in its metadata: {"fnn": {"requires":
     # ["torch", ...]}} (the PyTorch interop one needs the interop extra)

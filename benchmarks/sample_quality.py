@@ -27,13 +27,13 @@ import numpy as np
 
 from fnn.app import load_run
 from fnn.app.config import build_loss, build_model, build_optimizer, load_config
+from fnn.app.runs import draw_in_chunks
 from fnn.data import Split, load_digits, num_batches
 from fnn.quality import Judge, frechet_baselines, judge, sample_report
 from fnn.train import fit
 
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "digits_cnn.yaml"
 MIN_ACCURACY = 0.99  # the judge's test accuracy must exceed it
-CHUNK = 250  # samples drawn per call of learner.sample
 HEADER = ("run", "samples", "accuracy", "min class fraction", "mean confidence", "Fréchet")
 
 
@@ -55,17 +55,11 @@ def train_judge(data: Split, epochs: int, seed: int) -> tuple[Judge, dict[str, A
 
 def draw(sample: Callable[..., Any], num: int, key: jax.Array, *,
          num_classes: int | None = None, **options: Any) -> tuple[np.ndarray, np.ndarray | None]:
-    """``num`` samples ``[num, ...]`` of ``sample(key, n, **options)`` drawn in calls of
-    ``min(num, CHUNK)`` each (one size: one compiled sampler), the extra ones of the last call
-    dropped; with ``num_classes`` the classes in turn (``labels=``), returned with them."""
-    size = min(num, CHUNK)
-    calls = -(-num // size)
-    labels = None if num_classes is None else np.arange(calls * size) % num_classes
-    parts = []
-    for i in range(calls):
-        given = {} if labels is None else {"labels": labels[i * size:(i + 1) * size]}
-        parts.append(np.asarray(sample(jax.random.fold_in(key, i), size, **given, **options)))
-    return np.concatenate(parts)[:num], None if labels is None else labels[:num]
+    """``num`` samples ``[num, ...]`` of ``sample(key, n, **options)`` as ``fnn sample`` draws
+    them (:func:`fnn.app.runs.draw_in_chunks`); with ``num_classes`` the classes in turn
+    (``labels=``), returned with them."""
+    labels = None if num_classes is None else np.arange(num) % num_classes
+    return draw_in_chunks(sample, num, key, labels=labels, **options), labels
 
 
 def sampling(config: Any, guidances: list[float] | None) -> list[tuple[str, dict[str, Any]]]:

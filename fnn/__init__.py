@@ -40,6 +40,7 @@ from fnn.precision import with_policy as with_policy
 from fnn.layers import *  # noqa: F401,F403 - the layer factories are public (fnn.layers.__all__)
 
 from fnn import data as data  # noqa: E402 - submodules after the names they use
+from fnn import diffusion as diffusion  # noqa: E402
 from fnn import interop as interop  # noqa: E402
 from fnn import losses as losses  # noqa: E402
 from fnn import models as models  # noqa: E402

@@ -170,8 +170,8 @@ def ddim_sample(denoise: Denoiser, schedule: NoiseSchedule, key: jax.Array, shap
                 steps: int = 50, eta: float = 0.0, clip: bool = True,
                 return_chain: bool = False):
     """DDIM sampling (Song et al., 2021) in ``steps`` evenly spaced timesteps of the schedule,
-    from ``T - 1`` down to 0: ``x_prev = sqrt(abar_prev) x0_hat + sqrt(1 - abar_prev -
-    sigma^2) eps + sigma z`` with ``sigma = eta * sqrt((1 - abar_prev) / (1 - abar) (1 - abar /
+    from ``T - 1`` down (to 0 with two steps or more): ``x_prev = sqrt(abar_prev) x0_hat +
+    sqrt(1 - abar_prev - sigma^2) eps + sigma z`` with ``sigma = eta * sqrt((1 - abar_prev) / (1 - abar) (1 - abar /
     abar_prev))``. ``eta=0`` is deterministic given ``x_T``; ``eta=1`` with every step is close
     to ancestral sampling. ``x0_hat`` is clipped to ``[-1, 1]`` with ``clip`` (and ``eps``
     recomputed from it). Returns ``x_0: shape``; with ``return_chain`` also ``[steps + 1,
@@ -183,7 +183,8 @@ def ddim_sample(denoise: Denoiser, schedule: NoiseSchedule, key: jax.Array, shap
                          f"schedule's steps), got {steps!r}")
     if not eta >= 0:
         raise ValueError(f"ddim_sample: eta must be >= 0, got {eta!r}")
-    times = np.unique(np.round(np.linspace(0, schedule.num_steps - 1, steps)).astype(np.int32))
+    # from the last step down, so that even one step starts from pure noise at T - 1
+    times = np.unique(np.round(np.linspace(schedule.num_steps - 1, 0, steps)).astype(np.int32))
     times = jnp.asarray(times[::-1].copy())
     previous = jnp.concatenate([times[1:], jnp.full((1,), -1, jnp.int32)])
     abar = schedule.alphas_cumprod

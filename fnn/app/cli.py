@@ -15,8 +15,8 @@ from pathlib import Path
 from fnn.app.config import (HOST_MALLOC, LANGUAGE_DATA, ConfigError, build_mix, build_model,
                             load_config, run_kind)
 from fnn.app.rundir import SAMPLES
-from fnn.app.runs import (inputs_of, learner_of, load_run, model_input, run_config,
-                          start_weights, task_of)
+from fnn.app.runs import (draw_samples, inputs_of, learner_of, load_run, model_input,
+                          run_config, start_weights, task_of)
 from fnn.train.parallel import MODES
 
 # device-count advice for a CPU-only machine
@@ -104,15 +104,17 @@ def _check_supervised(config, task, model, like) -> None:
 
 
 def _check_generative(config, task, learner, like) -> None:
-    """A GAN's or diffusion model's checks: a class-conditional model has a label for each of
-    the data's classes, and one train step runs on the data's batches. Shapes only."""
+    """A GAN's or diffusion model's checks: the learner's own (a class-conditional model has a
+    label for each of the data's classes), and one train step runs on the data's batches.
+    Shapes only."""
     import jax
 
     name = config.model["name"]
-    classes = config.model.get("num_classes")
-    if classes is not None and task.num_classes > classes:
-        raise ConfigError(f"model ({name}): num_classes is {classes} but the data's labels go "
-                          f"up to {task.num_classes - 1}; give num_classes: {task.num_classes}")
+    try:
+        if learner.check is not None:
+            learner.check(like, task)
+    except ValueError as e:
+        raise ConfigError(f"model ({name}): {e}") from None
     try:
         jax.eval_shape(learner.train_step_fn(None), like, *task.batch(0))
     except (ValueError, TypeError) as e:
@@ -189,7 +191,7 @@ def _sample_grids(config, learner, task, out: Path):
     """``on_eval`` of a generative run: a grid of samples at each evaluation,
     ``samples/step_XXXXXXXX.png``, from the same latents (GAN) or starting noise (diffusion)
     every time, so that the grids show the model's progress; a class-conditional model's row
-    ``k`` holds class ``k`` (labels cycle when there are more than 10 classes)."""
+    ``k`` holds class ``k`` (the first 10 classes; with fewer, the classes in turn)."""
     import jax
     import numpy as np
 
@@ -347,9 +349,6 @@ def export(args: argparse.Namespace) -> int:
     return 0
 
 
-SAMPLE_CHUNK = 250  # examples drawn per call of fnn sample's sampler: bounds its memory
-
-
 def sample(args: argparse.Namespace) -> int:
     """Draws new examples from a GAN or diffusion run: FILE.npz and a PNG grid beside it."""
     import warnings
@@ -384,6 +383,9 @@ def sample(args: argparse.Namespace) -> int:
         guidance = config.diffusion["guidance"] if args.guidance is None else args.guidance
         if not guidance >= 0:
             raise ConfigError(f"--guidance must be a number >= 0, got {guidance}")
+        if args.guidance is not None and classes is None:
+            raise ConfigError(f"--guidance is for a class-conditional model; {run} trained "
+                              f"{config.model['name']} without num_classes")
         options["guidance"] = guidance
         if args.label is not None and classes is None:
             raise ConfigError(f"--label is for a class-conditional model; {run} trained "
@@ -402,17 +404,10 @@ def sample(args: argparse.Namespace) -> int:
     if classes is not None:
         labels = (np.full(args.num, args.label, np.int32) if args.label is not None
                   else (np.arange(args.num) % classes).astype(np.int32))
-    key = jax.random.key(args.seed)
-    chunks = []
-    for first in range(0, args.num, SAMPLE_CHUNK):
-        count = min(SAMPLE_CHUNK, args.num - first)
-        if labels is not None:
-            options["labels"] = labels[first:first + count]
-        chunks.append(np.asarray(loaded.learner.sample(
-            loaded.train_state, jax.random.fold_in(key, first), count, **options)))
-    samples = np.concatenate(chunks).astype(np.float32)
+    samples = draw_samples(loaded, args.num, jax.random.key(args.seed), labels=labels,
+                           **options)
     arrays = {"samples": samples} | ({} if labels is None else {"labels": labels})
-    data_range = _data_range(run)
+    data_range = loaded.data_range
 
     def write_npz(f):
         np.savez(f, **arrays)
@@ -447,12 +442,6 @@ def _sample_steps(value: str | None, config) -> int | None:
         raise ConfigError(f"--steps must be 'all' or a number of DDIM steps in [1, {timesteps}] "
                           f"(the run's timesteps), got {value!r}")
     return steps
-
-
-def _data_range(run: Path) -> tuple[float, float]:
-    """The data's range of values, as the run's ``inputs.json`` keeps it."""
-    raw = json.loads((run / "inputs.json").read_text(encoding="utf-8"))
-    return tuple(raw.get("data_range") or (0.0, 1.0))
 
 
 def _batch_size(value: str | None) -> int | str:

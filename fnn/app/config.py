@@ -345,6 +345,10 @@ def _run_kind(raw: Mapping[str, Any], model_name: str) -> str:
 def _check_generative(raw: dict[str, Any], kind: str, model_name: str) -> None:
     """The ``gan`` or ``diffusion`` section, checked and completed with its defaults in
     ``raw``; a generative run takes no ``loss``, ``mix``, ``augment`` or ``init``."""
+    for key in GROUP_KEYS[:2]:
+        if key in raw["optimizer"]:
+            raise ConfigError(f"optimizer ({raw['optimizer']['name']}): {key} is for a "
+                              f"classifier's parameters, not a {kind} run's")
     for key, what in (("loss", f"the {kind} section gives the objective"),
                       ("mix", "it mixes a classifier's labels"),
                       ("augment", "it augments a classifier's inputs"),
@@ -382,6 +386,7 @@ def _check_generative(raw: dict[str, Any], kind: str, model_name: str) -> None:
         section["discriminator"] = dict(section["discriminator"])
         raw["gan"] = section
         return
+    given = raw["diffusion"] if isinstance(raw["diffusion"], Mapping) else {}
     section = _options("diffusion", raw["diffusion"], DIFFUSION_OPTIONS)
     if section["noise_schedule"] not in NOISE_SCHEDULES:
         raise _unknown("diffusion.noise_schedule", str(section["noise_schedule"]),
@@ -389,6 +394,13 @@ def _check_generative(raw: dict[str, Any], kind: str, model_name: str) -> None:
     steps = section["timesteps"]
     if not isinstance(steps, int) or isinstance(steps, bool) or steps < 2:
         raise ConfigError(f"diffusion.timesteps must be an int >= 2, got {steps!r}")
+    try:
+        NOISE_SCHEDULES[section["noise_schedule"]](steps)
+    except ValueError as e:
+        raise ConfigError(f"diffusion: timesteps {steps} with the {section['noise_schedule']} "
+                          f"schedule: {e}") from None
+    if "sample_steps" not in given:  # the default, as many as there are
+        section["sample_steps"] = min(DIFFUSION_OPTIONS["sample_steps"], steps)
     for key in ("ema_decay", "label_dropout"):
         check_value("diffusion", key, section[key], "number")
         if not 0 <= section[key] < 1:
@@ -402,6 +414,12 @@ def _check_generative(raw: dict[str, Any], kind: str, model_name: str) -> None:
     check_value("diffusion", "guidance", section["guidance"], "number")
     if not section["guidance"] >= 0:
         raise ConfigError(f"diffusion.guidance must be >= 0, got {section['guidance']!r}")
+    if raw["model"].get("num_classes") is None:  # nothing to guide towards, no label to drop
+        for key, off in (("guidance", 1.0), ("label_dropout", 0.0)):
+            if key in given and given[key] != off:
+                raise ConfigError(f"diffusion.{key} is for a class-conditional model (give "
+                                  f"model.num_classes); an unconditional one takes {off}")
+            section[key] = off
     raw["diffusion"] = section
 
 

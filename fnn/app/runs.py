@@ -104,7 +104,10 @@ def learner_of(config: Config, task: Any, filled: dict[str, Any], steps: int, *,
         return supervised(model, optimizer, build_loss(config), task.metrics,
                           mix=build_mix(config, task.num_classes), params=start[0],
                           state=start[1]), model
-    data_range = task.data_range if task.data_range is not None else (0.0, 1.0)
+    data_range = task.data_range
+    if data_range is None:
+        raise ConfigError(f"data ({config.data['name']}): a generative model needs floating "
+                          f"inputs (images), whose range of values its samples are given in")
     if data_range[0] == data_range[1]:
         raise ConfigError(f"data ({config.data['name']}): every training input has the value "
                           f"{data_range[0]}: there is nothing to learn to generate")
@@ -165,6 +168,7 @@ class Run(NamedTuple):
     example: Any = None  # the model's input for one example, [1, ...] (jax.ShapeDtypeStructs:
     #                      a GAN generator's latents, a diffusion model's (x_t, t, labels))
     learner: Any = None  # a generative run's fnn.train.Learner (its sample draws new examples)
+    data_range: Any = None  # the smallest and largest training input (the samples' scale)
     train_state: Any = None  # what learner.sample reads: a TrainState of the params, state
     #                          and ema (its opt_state, step, key and counters are None)
 
@@ -238,6 +242,7 @@ def _load_generative(run: Path, config: Config, example, filled, data_range, ste
     from fnn.train.tasks import Task
 
     spec = as_spec(example)
+    data_range = (0.0, 1.0) if data_range is None else data_range  # a run of fnn 0.1's data
     stand_in = Task(spec, 1, None, None, "test", {}, None, data_range)
     learner, model = learner_of(config, stand_in, filled, 1, optimizer=optax.identity())
     like = jax.eval_shape(learner.init, jax.random.key(0), spec)
@@ -251,7 +256,43 @@ def _load_generative(run: Path, config: Config, example, filled, data_range, ste
     else:
         params, state = ts.ema, ts.state
     return Run(model, params, state, config, None, step, list(meta.get("history", [])),
-               model_input(config, spec), learner, ts)
+               model_input(config, spec), learner=learner, train_state=ts,
+               data_range=data_range)
+
+
+SAMPLE_CHUNK = 250  # examples per call of a learner's sampler: bounds the memory a draw needs
+
+
+def draw_samples(run: Run, num: int, key: Any, **options: Any) -> Any:
+    """``num`` new examples from a generative run (:func:`load_run`) in the data's scale:
+    :func:`draw_in_chunks` of its learner's ``sample``. What ``fnn sample`` writes and
+    ``benchmarks/sample_quality.py`` judges, so the same seed gives both the same examples."""
+    import functools
+
+    if run.learner is None:
+        raise ConfigError(f"draw_samples: the run trained {run.config.model['name']}, not a "
+                          f"generative model")
+    return draw_in_chunks(functools.partial(run.learner.sample, run.train_state), num, key,
+                          **options)
+
+
+def draw_in_chunks(sample: Any, num: int, key: Any, *, labels: Any = None,
+                   **options: Any) -> Any:
+    """``num`` examples of ``sample(key, n, labels=..., **options)``, float32, drawn in calls
+    of one size, ``min(num, SAMPLE_CHUNK)`` (one compiled sampler; the extra examples of the
+    last call are dropped): call ``i`` with ``fold_in(key, i)`` and its share of ``labels``
+    (``int[num]``, repeated to fill the last call; none for an unconditional model)."""
+    import jax
+    import numpy as np
+
+    size = min(num, SAMPLE_CHUNK)
+    calls = -(-num // size)
+    padded = None if labels is None else np.resize(np.asarray(labels), calls * size)
+    parts = []
+    for i in range(calls):
+        given = {} if padded is None else {"labels": padded[i * size:(i + 1) * size]}
+        parts.append(np.asarray(sample(jax.random.fold_in(key, i), size, **given, **options)))
+    return np.concatenate(parts)[:num].astype(np.float32)
 
 
 VOCAB_DATA = ("text", "text_classes")  # data whose ids are characters of a vocab.json

@@ -26,7 +26,9 @@ from fnn.train.learner import Learner
 from fnn.train.state import TrainState, _compiled_init
 from fnn.train.step import _all_finite, _as_varying, _mean_floating
 
-_EVAL_STREAM = 0x65766c  # fold_in constant: the held-out metrics' key, apart from training's
+# fold_in of the base key: the held-out metrics' key, a step the int32 step counter never reaches
+# (step s trains with fold_in(key, s)), so no training step shares it
+_EVAL_STREAM = 2 ** 32 - 1
 _LABEL_STREAM = 0x6c626c  # the key of a diffusion step's label dropout
 
 
@@ -60,6 +62,11 @@ def _data_scale(caller: str, data_range: Sequence[float]):
         return jnp.clip((x + 1.0) * ((high - low) / 2.0) + low, low, high)
 
     return to_model, to_data
+
+
+def _check_num(caller: str, num) -> None:
+    if not isinstance(num, int) or isinstance(num, bool) or num <= 0:
+        raise ValueError(f"{caller}: num must be a positive int, got {num!r}")
 
 
 def _device_key(key: jax.Array, axis_name: str | None) -> jax.Array:
@@ -96,12 +103,18 @@ def _update(optimizer, grads, opt_state, params):
         return optax.apply_updates(params, updates), opt_state
 
 
-def _finish(ts: TrainState, ok: jax.Array, new: dict[str, Any]) -> TrainState:
-    """The train state after a step: the fields in ``new`` where the step was finite (``ok``),
-    the old ones (in the new dtypes) where it was not; the counters either way."""
-    old = {name: getattr(ts, name) for name in new}
-    old = jax.tree.map(lambda o, n: o.astype(n.dtype), old, new)
-    kept = lax.cond(ok, lambda: new, lambda: old)
+def _finish(ts: TrainState, ok: jax.Array, update) -> TrainState:
+    """The train state after a step: the fields ``update()`` gives (a dict of new ``params``,
+    ``state``, ...) where the step was finite (``ok``), the old ones (in the new dtypes) where
+    it was not; the counters either way. A ``lax.cond``, as in :func:`fnn.train.train_step_fn`:
+    the update runs in place on donated buffers, and a skipped step computes none."""
+    shapes = jax.eval_shape(update)
+
+    def keep():
+        return jax.tree.map(lambda old, new: old.astype(new.dtype),
+                            {name: getattr(ts, name) for name in shapes}, shapes)
+
+    kept = lax.cond(ok, update, keep)
     skipped = ts.skipped + (~ok).astype(jnp.int32)
     bad_streak = jnp.where(ok, jnp.zeros_like(ts.bad_streak), ts.bad_streak + 1)
     return ts._replace(step=ts.step + 1, skipped=skipped, bad_streak=bad_streak, **kept)
@@ -130,6 +143,12 @@ def gan(generator: Layer, discriminator: Layer, optimizer: optax.GradientTransfo
     latents. A step whose losses or gradients (of either network) are not finite leaves both
     as they were. ``learner.sample(ts, key, num)`` returns ``num`` generated examples in the
     data's scale.
+
+    A generator with BatchNorm updates its running statistics twice a step (on the batch it
+    makes for the discriminator's update and on its own step's), so its effective momentum is
+    the square of its own. ``d_real`` and ``d_fake`` are ``sigmoid`` of the logits: the
+    discriminator's probabilities under the non-saturating loss, a monotone score under the
+    hinge loss, whose logits are not log-odds.
     """
     if loss not in GAN_LOSSES:
         raise ValueError(f"gan: loss must be one of {', '.join(GAN_LOSSES)}, got {loss!r}")
@@ -218,16 +237,19 @@ def gan(generator: Layer, discriminator: Layer, optimizer: optax.GradientTransfo
                     _varying(g_params, axis_name), g_state)
             g_grads, g_loss, d_real, d_fake = _mean((g_grads, g_loss, d_real, d_fake),
                                                     axis_name)
-            g_params_new, g_opt = _update(optimizer, g_grads, ts.opt_state["generator"],
-                                          g_params)
             state = {"generator": g_state, "discriminator": d_state_new}
             if axis_name is not None:
                 state = _mean_floating(state, axis_name)
             ok = _all_finite(d_loss, d_grads) & _all_finite(g_loss, g_grads)
-            new_ts = _finish(ts, ok, {
-                "params": {"generator": g_params_new, "discriminator": d_params_new},
-                "state": state,
-                "opt_state": {"generator": g_opt, "discriminator": d_opt}})
+
+            def update():  # the discriminator's update is made: the generator's step needs it
+                g_params_new, g_opt = _update(optimizer, g_grads, ts.opt_state["generator"],
+                                              g_params)
+                return {"params": {"generator": g_params_new, "discriminator": d_params_new},
+                        "state": state,
+                        "opt_state": {"generator": g_opt, "discriminator": d_opt}}
+
+            new_ts = _finish(ts, ok, update)
             metrics = {"loss": d_loss + g_loss, "d_loss": d_loss, "g_loss": g_loss,
                        "d_real": d_real, "d_fake": d_fake}
             return new_ts, metrics | {"skipped": new_ts.skipped, "bad_streak": new_ts.bad_streak}
@@ -257,6 +279,7 @@ def gan(generator: Layer, discriminator: Layer, optimizer: optax.GradientTransfo
     def sample(ts: TrainState, key: jax.Array, num: int, **options):
         """``num`` generated examples in the data's scale; ``options``: ``latents`` (``[num,
         latent_features]``, instead of drawing them from ``key``)."""
+        _check_num("gan sample", num)
         if set(options) - {"latents"}:
             raise TypeError(f"gan sample: unknown options {sorted(set(options) - {'latents'})} "
                             f"(a GAN takes latents=)")
@@ -386,14 +409,17 @@ def diffusion(model: Layer, optimizer: optax.GradientTransformation,
             grads, value = _mean((grads, value), axis_name)
             if axis_name is not None:
                 state = _mean_floating(state, axis_name)
-            params, opt_state = _update(optimizer, grads, ts.opt_state, ts.params)
-            step_f = ts.step.astype(jnp.float32)
-            decay = jnp.minimum(ema_decay, (1 + step_f) / (10 + step_f))
-            ema = jax.tree.map(lambda e, p: (decay * e + (1 - decay) * p).astype(e.dtype),
-                               ts.ema, params)
             ok = _all_finite(value, grads)
-            new_ts = _finish(ts, ok, {"params": params, "state": state,
-                                      "opt_state": opt_state, "ema": ema})
+
+            def update():
+                params, opt_state = _update(optimizer, grads, ts.opt_state, ts.params)
+                step_f = ts.step.astype(jnp.float32)
+                decay = jnp.minimum(ema_decay, (1 + step_f) / (10 + step_f))
+                ema = jax.tree.map(lambda e, p: (decay * e + (1 - decay) * p).astype(e.dtype),
+                                   ts.ema, params)
+                return {"params": params, "state": state, "opt_state": opt_state, "ema": ema}
+
+            new_ts = _finish(ts, ok, update)
             return new_ts, {"loss": value, "skipped": new_ts.skipped,
                             "bad_streak": new_ts.bad_streak}
 
@@ -409,12 +435,11 @@ def diffusion(model: Layer, optimizer: optax.GradientTransformation,
     def sample(ts: TrainState, key: jax.Array, num: int, *, labels=None,
                steps: int | None = None, guidance: float = 1.0, eta: float = 0.0,
                return_chain: bool = False):
-        if not isinstance(num, int) or isinstance(num, bool) or num <= 0:
-            raise ValueError(f"diffusion sample: num must be a positive int, got {num!r}")
+        _check_num("diffusion sample", num)
         if num_classes is None:
-            if labels is not None:
-                raise ValueError("diffusion sample: labels are for a class-conditional model; "
-                                 "this one has no num_classes")
+            if labels is not None or guidance != 1:
+                raise ValueError("diffusion sample: labels and guidance are for a "
+                                 "class-conditional model; this one has no num_classes")
         else:
             labels = jnp.arange(num) % num_classes if labels is None else jnp.asarray(labels)
             if labels.shape != (num,) or not jnp.issubdtype(labels.dtype, jnp.integer):
@@ -425,6 +450,9 @@ def diffusion(model: Layer, optimizer: optax.GradientTransformation,
                                  f"got {int(labels.min())} to {int(labels.max())}")
         if not guidance >= 0:
             raise ValueError(f"diffusion sample: guidance must be >= 0, got {guidance!r}")
+        if steps is None and eta != 0:
+            raise ValueError(f"diffusion sample: eta is DDIM's (give steps); ancestral sampling "
+                             f"(steps=None) has its own noise, got eta={eta!r}")
         # the scale is traced: one compiled sampler serves every guidance but 1 (no guidance)
         return _jitted_sample(sampler, ts, key, labels, jnp.float32(guidance), num, steps,
                               num_classes is not None and guidance != 1, float(eta),
@@ -451,7 +479,13 @@ def diffusion(model: Layer, optimizer: optax.GradientTransformation,
             return to_data(x0[0]), to_data(x0[1])
         return to_data(x0)
 
-    return Learner(init, train_step_fn, eval_step, sample=sample)
+    def check(ts, task):
+        used = getattr(task, "num_classes", None)
+        if num_classes is not None and used is not None and used > num_classes:
+            raise ValueError(f"diffusion: num_classes is {num_classes} but the task's labels go "
+                             f"up to {used - 1}: give num_classes={used}")
+
+    return Learner(init, train_step_fn, eval_step, check=check, sample=sample)
 
 
 @functools.partial(jax.jit, static_argnums=(0, 5, 6, 7, 8, 9))

@@ -177,11 +177,16 @@ def _history_row(task: Task, done: int, means: _TrainMeans, held_out: Mapping[st
 
 
 def train(model: Layer, optimizer: optax.GradientTransformation, loss: Loss, task: Task, *,
-          num_steps: int, params: Any = None, state: Any = None, mix: Mix | None = None,
-          **options: Any) -> tuple[TrainState, list[dict[str, Any]]]:
+          num_steps: int, seed: int = 0, eval_every: int | None = None,
+          parallel: str = "none", devices: Sequence[Any] | None = None,
+          checkpoint_dir: str | Path | None = None, checkpoint_every: int | None = None,
+          keep: int = 3, resume: bool = False, max_bad_steps: int = 10,
+          on_log: Callable[[dict[str, Any]], None] | None = None,
+          progress: bool = True, params: Any = None, state: Any = None,
+          mix: Mix | None = None) -> tuple[TrainState, list[dict[str, Any]]]:
     """Trains ``model`` with ``optimizer`` on ``loss`` over ``task`` for ``num_steps`` steps;
-    returns the final train state and the history. The loop of :func:`train_learner` with the
-    learner :func:`~fnn.train.supervised` (``options``: that loop's arguments).
+    returns the final train state and the history: the loop of :func:`train_learner` (every
+    argument but these three is that loop's) with the learner :func:`~fnn.train.supervised`.
 
     - ``params`` and ``state``: start from these (pretrained weights, or another run's)
       instead of the model's init, checked against it (see
@@ -190,7 +195,10 @@ def train(model: Layer, optimizer: optax.GradientTransformation, loss: Loss, tas
     """
     return train_learner(supervised(model, optimizer, loss, task.metrics, mix=mix,
                                     params=params, state=state), task, num_steps=num_steps,
-                         **options)
+                         seed=seed, eval_every=eval_every, parallel=parallel, devices=devices,
+                         checkpoint_dir=checkpoint_dir, checkpoint_every=checkpoint_every,
+                         keep=keep, resume=resume, max_bad_steps=max_bad_steps, on_log=on_log,
+                         progress=progress)
 
 
 def train_learner(learner: Learner, task: Task, *, num_steps: int, seed: int = 0,

@@ -91,10 +91,16 @@ def test_a_gan_run_writes_grids_and_fnn_sample_draws_more(tmp_path):
     assert samples.shape == (7, 8, 8, 1) and samples.dtype == np.float32
     assert 0 <= samples.min() and samples.max() <= 1
     assert (tmp_path / "s.png").read_bytes()[:4] == b"\x89PNG"
-    code, _, again = _main(["sample", run, "--num", "7", "--out", tmp_path / "s.npz", "--seed",
-                            "0", "--overwrite"])
+    code, _, err = _main(["sample", run, "--num", "7", "--out", tmp_path / "s.npz", "--seed",
+                          "0", "--overwrite"])
+    assert code == 0, err
     with np.load(tmp_path / "s.npz") as f:
         np.testing.assert_array_equal(f["samples"], samples)  # the seed decides
+    code, _, err = _main(["sample", run, "--num", "7", "--out", tmp_path / "other.npz",
+                          "--seed", "1"])
+    assert code == 0, err
+    with np.load(tmp_path / "other.npz") as f:
+        assert not np.allclose(f["samples"], samples)
 
     for argv, message in (
             (["--label", "3"], "--label is for a diffusion run"),
@@ -225,11 +231,28 @@ def test_gan_config_errors(change, message):
     (lambda r: r | {"model": r["model"] | {"channels": 3}},
      "model (unet): channels comes from the data; remove it"),
     (lambda r: r | {"eval_every": 0}, "eval_every must be positive, got 0"),
+    (lambda r: r | {"model": {"name": "unet"}, "diffusion": r["diffusion"] | {"guidance": 3.0}},
+     "diffusion.guidance is for a class-conditional model (give model.num_classes)"),
+    (lambda r: r | {"diffusion": r["diffusion"] | {"noise_schedule": "linear", "timesteps": 10,
+                                                   "sample_steps": 5}},
+     "diffusion: timesteps 10 with the linear schedule: linear_schedule: expected 0 < "
+     "beta_start <= beta_end < 1"),
+    (lambda r: r | {"optimizer": r["optimizer"] | {"frozen": ["stem/**"]}},
+     "optimizer (adam): frozen is for a classifier's parameters, not a diffusion run's"),
 ])
 def test_diffusion_config_errors(change, message):
     with pytest.raises(ConfigError) as e:
         parse_config(change(_raw("digits_ddpm.yaml")))
     assert message in str(e.value)
+
+
+def test_diffusion_defaults_follow_the_model():
+    raw = _raw("digits_ddpm.yaml")
+    raw["diffusion"] = {"timesteps": 20}
+    assert parse_config(raw).diffusion["sample_steps"] == 20  # as many as there are
+    raw["model"] = {k: v for k, v in raw["model"].items() if k != "num_classes"}
+    unconditional = parse_config(raw).diffusion
+    assert unconditional["guidance"] == 1.0 and unconditional["label_dropout"] == 0.0
 
 
 def test_a_classifier_config_still_needs_its_loss():
@@ -246,5 +269,6 @@ def test_a_conditional_model_needs_a_label_for_every_class(tmp_path):
     config.write_text(yaml.safe_dump(raw))
     code, _, err = _main(["train", config, "--no-progress"])
     assert code == 2
-    assert "num_classes is 5 but the data's labels go up to 9; give num_classes: 10" in err
+    assert "model (unet): diffusion: num_classes is 5 but the task's labels go up to 9: give " \
+        "num_classes=10" in err
     assert not (tmp_path / "ddpm").exists()  # nothing written

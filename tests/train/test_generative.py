@@ -14,6 +14,7 @@ import pytest
 import fnn
 from fnn import diffusion as dm
 from fnn.losses import gan_discriminator_loss, gan_generator_loss
+from fnn.data import load_digits
 from fnn.train import classification_task, data_parallel, diffusion, gan, train_learner
 from fnn.train.generative import _EVAL_STREAM, _LABEL_STREAM
 
@@ -218,6 +219,32 @@ def test_samplers_with_the_ideal_denoiser_of_one_point_return_that_point(sampler
     assert float(jnp.abs(chain[0]).mean()) > 0.5  # it starts from noise
 
 
+@pytest.mark.parametrize("sampler, steps", [("ddpm", None), ("ddim", 1), ("ddim", 200),
+                                            ("ddim-eta1", 1000)])
+def test_samplers_with_the_ideal_denoiser_of_gaussian_data_draw_that_gaussian(sampler, steps):
+    """Data ``N(m, s^2)`` per element: the exact noise prediction is ``E[eps | x_t] =
+    sqrt(1 - abar) (x_t - sqrt(abar) m) / (abar s^2 + 1 - abar)``; the samples' mean and
+    spread must be ``m`` and ``s``, which needs every step's posterior right (the one-point
+    test above only checks the last step). One DDIM step from ``x_T`` gives ``E[x_0 | x_T]``,
+    ``m`` itself: DDIM is deterministic, and one step of it is no sample."""
+    schedule = dm.linear_schedule(1000)
+    m, s = 0.3, 0.1
+
+    def ideal(x, t):
+        abar = schedule.alphas_cumprod[t][:, None]
+        return jnp.sqrt(1 - abar) * (x - jnp.sqrt(abar) * m) / (abar * s ** 2 + 1 - abar)
+
+    key, shape = jax.random.key(3), (4000, 4)
+    if sampler == "ddpm":
+        x0 = dm.ddpm_sample(ideal, schedule, key, shape, clip=False)
+    else:
+        x0 = dm.ddim_sample(ideal, schedule, key, shape, steps=steps, clip=False,
+                            eta=1.0 if sampler == "ddim-eta1" else 0.0)
+    assert float(jnp.mean(x0)) == pytest.approx(m, abs=0.005)
+    assert float(jnp.std(x0)) == (pytest.approx(0, abs=1e-3) if steps == 1
+                                  else pytest.approx(s, rel=0.06))
+
+
 def test_ddim_with_eta_zero_is_deterministic_and_checks_its_steps():
     schedule = dm.cosine_schedule(20)
     denoise = lambda x, t: 0.1 * x  # noqa: E731
@@ -304,8 +331,15 @@ def test_diffusion_samples_labels_guidance_and_errors():
     plain = diffusion(_denoiser(), optax.sgd(0.1), dm.cosine_schedule(20),
                       example_shape=(2, 2, 3))
     ts = plain.init(jax.random.key(0), x)
-    with pytest.raises(ValueError, match="labels are for a class-conditional model"):
+    with pytest.raises(ValueError, match="labels and guidance are for a class-conditional"):
         plain.sample(ts, jax.random.key(1), 2, labels=jnp.array([0, 1]))
+    with pytest.raises(ValueError, match="labels and guidance are for a class-conditional"):
+        plain.sample(ts, jax.random.key(1), 2, guidance=2.0)
+    with pytest.raises(ValueError, match="eta is DDIM's"):
+        plain.sample(ts, jax.random.key(1), 2, eta=0.5)
+    with pytest.raises(ValueError, match=r"diffusion: num_classes is 3 but the task's labels go "
+                                         r"up to 9: give num_classes=10"):
+        learner.check(ts, classification_task(load_digits(), 16))
 
 
 def test_diffusion_skips_a_non_finite_step_ema_included():
@@ -347,8 +381,33 @@ def test_data_parallel_equals_one_device(name, mode):
         x, y = task.batch(step)
         a, ma = one.step(a, *one.put_batch(x, y))
         b, mb = many.step(b, *many.put_batch(x, y))
-    _close(one.get_state(a).params, many.get_state(b).params, 2e-5)
+    a, b = one.get_state(a), many.get_state(b)
+    _close((a.params, a.state, a.ema), (b.params, b.state, b.ema), 2e-5)
     np.testing.assert_allclose(float(ma["loss"]), float(mb["loss"]), rtol=1e-5)
+
+
+@pytest.mark.parametrize("mode", ["pmap", "sharded"])
+def test_a_dcgan_with_batchnorm_in_data_parallel_equals_one_device(mode):
+    """BatchNorm in both networks: the statistics of the whole batch, the running statistics
+    averaged, params and state as on one device."""
+    from fnn.models import DCGANDiscriminator, DCGANGenerator
+
+    images = np.asarray(jax.random.uniform(jax.random.key(5), (32, 8, 8, 1)))
+    labels = np.zeros(32, np.int32)
+    task = classification_task(fnn.data.Split(images, labels, images[:8], labels[:8]), 16)
+    learner = gan(DCGANGenerator(4, features=4), DCGANDiscriminator(features=4),
+                  optax.adam(1e-2), latent_features=4)
+    ts = learner.init(jax.random.key(0), task.example)
+    one = data_parallel(learner, mode="none", donate=False)
+    many = data_parallel(learner, mode=mode, devices=jax.devices()[:4], donate=False)
+    a, b = one.put_state(ts), many.put_state(ts)
+    for step in range(2):
+        x, y = task.batch(step)
+        a, _ = one.step(a, *one.put_batch(x, y))
+        b, _ = many.step(b, *many.put_batch(x, y))
+    a, b = one.get_state(a), many.get_state(b)
+    assert jax.tree.leaves(a.state["generator"])  # running statistics were kept
+    _close((a.params, a.state), (b.params, b.state), 2e-5)
 
 
 @pytest.mark.parametrize("name", ["gan", "diffusion"])

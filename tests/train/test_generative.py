@@ -432,7 +432,8 @@ def test_the_loop_resumes_a_generative_run_bit_exactly(tmp_path, name):
 
 def test_the_models_train_on_32x32_colour_images():
     """The DCGAN pair and the U-Net sized by their arguments: one step of each learner on
-    32x32x3 images, and samples of that shape."""
+    32x32x3 images, and samples of that shape (the U-Net at two levels, without attention:
+    its 32x32 shapes at more levels are tests/models/test_unet.py's)."""
     from fnn.models import DCGANDiscriminator, DCGANGenerator, UNet
 
     x = jax.random.uniform(jax.random.key(0), (4, 32, 32, 3))

@@ -50,8 +50,9 @@ Writing a layer
 The helpers a layer author needs are below and listed in ``__all__``: :func:`shape_error`,
 :func:`check_rank`, :func:`check_floating`, :func:`check_positive`, :func:`check_rate`,
 :func:`require_key`, :func:`compute_dtype`, :func:`align`, :func:`per_position` (pass a
-``Seq`` through), :func:`init_child`/:func:`apply_child` and :class:`Children` (a layer built
-from named children). Errors on bad input are raised while tracing (free under ``jit``) and
+``Seq`` through), :func:`parameter_free` (a layer that is a function of its input),
+:func:`init_child`/:func:`apply_child` and :class:`Children` (a layer built from named
+children). Errors on bad input are raised while tracing (free under ``jit``) and
 name the layer's path in the model (``Dense at encoder/2``), kept by the child helpers.
 """
 
@@ -70,7 +71,8 @@ __all__ = [
     "MissingKeyError", "ParamError", "UnboundAxisError", "where", "describe", "shape_error",
     "check_rank", "check_floating", "expect_params", "check_positive", "check_rate", "require_key",
     "check_train", "as_spec", "output_spec", "compute_dtype", "at_least_float32", "align",
-    "array_of", "map_array", "seq_lengths", "valid_positions", "per_position", "init_child",
+    "array_of", "map_array", "seq_lengths", "valid_positions", "per_position", "parameter_free",
+    "init_child",
     "apply_child", "put", "child_key", "Children", "check_children",
 ]
 
@@ -398,6 +400,26 @@ def per_position(layer: Layer) -> Layer:
         return x.with_x(y), new_state
 
     return Layer(init, apply, layer.name)
+
+
+def parameter_free(name: str, fn: Callable[[Any], Any],
+                   check: Callable[[Any], None] | None = None) -> Layer:
+    """A layer with no params and no state that applies ``fn(x)``: ``check(x)``, when given,
+    raises for an input the layer does not take, at ``init`` (on shapes alone) as in
+    ``apply``, and params given to ``apply`` are an error (another layer's, by mistake)."""
+
+    def init(key, x):
+        if check is not None:
+            check(x)
+        return {}, {}
+
+    def apply(params, state, x, *, key=None, train=False):
+        expect_params(name, params, {})
+        if check is not None:
+            check(x)
+        return fn(x), state
+
+    return Layer(init, apply, name)
 
 
 # ----------------------------------------------------------------------------- children

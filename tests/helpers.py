@@ -103,3 +103,26 @@ def walk(jaxpr):
 def count_dots(jaxpr) -> int:
     """The number of ``dot_general`` equations in ``jaxpr`` and its sub-jaxprs."""
     return sum(eqn.primitive.name == "dot_general" for eqn in walk(jaxpr))
+
+
+def kill_at_first_checkpoint(config, run, *args, timeout=120):
+    """Starts ``fnn train CONFIG --output-dir RUN --no-progress ARGS`` and SIGKILLs it soon
+    after its first checkpoint appears; returns the newest checkpoint's step left behind."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    proc = subprocess.Popen([sys.executable, "-m", "fnn.app.cli", "train", str(config),
+                             "--output-dir", str(run), "--no-progress", *map(str, args)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + timeout
+        while not list((run / "checkpoints").glob("step_*")) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        time.sleep(0.1)
+        proc.send_signal(signal.SIGKILL)
+        assert proc.wait(timeout=30) == -signal.SIGKILL
+    finally:
+        proc.kill()
+    return max(int(p.name.split("_")[1]) for p in (run / "checkpoints").glob("step_*"))

@@ -12,21 +12,14 @@ import jax
 import jax.numpy as jnp
 
 from fnn.core import (Layer, align, check_floating, check_rank, compute_dtype, expect_params,
-                      per_position, shape_error, where)
+                      parameter_free, per_position, shape_error, where)
 
 
 def Lambda(fn: Callable[[jax.Array], jax.Array], name: str = "Lambda") -> Layer:
     """A parameter-free layer that applies ``fn`` to its input: ``x -> fn(x)``, shapes as ``fn``
     gives them. Given a ``Seq``, ``fn`` gets its array and the result keeps the side inputs."""
 
-    def init(key, x):
-        return {}, {}
-
-    def apply(params, state, x, *, key=None, train=False):
-        expect_params(name, params, {})  # no params: another layer's would be a mistake
-        return fn(x), state
-
-    return per_position(Layer(init, apply, name))
+    return per_position(parameter_free(name, fn))
 
 
 def _elementwise(name: str, fn: Callable[[jax.Array], jax.Array]) -> Layer:

@@ -6,7 +6,7 @@ from typing import Sequence
 
 import jax.numpy as jnp
 
-from fnn.core import Layer, check_rank, expect_params, shape_error
+from fnn.core import Layer, check_rank, parameter_free, shape_error
 
 # fnn's mode -> jnp.pad's; the names are PyTorch's (Conv's padding_mode)
 MODES = {"zeros": "constant", "reflect": "reflect", "replicate": "edge", "circular": "wrap"}
@@ -71,16 +71,10 @@ def Pad(padding: int | Sequence[tuple[int, int]], *, mode: str = "zeros",
             raise shape_error(name, f"[..., {n} nonempty spatial axes, features] ({mode} "
                               f"padding repeats what the axis holds)", x)
 
-    def init(key, x):
-        check(x)
-        return {}, {}
-
-    def apply(params, state, x, *, key=None, train=False):
-        expect_params(name, params, {})
-        check(x)
+    def pad(x):
         widths = [(0, 0)] * (x.ndim - n - 1) + pairs + [(0, 0)]
         if mode == "zeros":
-            return jnp.pad(x, widths, constant_values=jnp.asarray(value, x.dtype)), state
-        return jnp.pad(x, widths, mode=MODES[mode]), state
+            return jnp.pad(x, widths, constant_values=jnp.asarray(value, x.dtype))
+        return jnp.pad(x, widths, mode=MODES[mode])
 
-    return Layer(init, apply, name)
+    return parameter_free(name, pad, check)

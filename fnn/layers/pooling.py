@@ -20,7 +20,7 @@ import numpy as np
 from jax import lax
 
 from fnn.core import (Layer, Seq, check_floating, check_positive, check_rank, expect_params,
-                      seq_lengths, shape_error, valid_positions)
+                      parameter_free, seq_lengths, shape_error, valid_positions)
 from fnn.layers.conv import Padding, _padding, _tuple, check_nonempty
 
 
@@ -41,20 +41,14 @@ def _pool(name: str, window: int | Sequence[int], strides, padding: Padding, red
         check_nonempty(name, x, window_, padding_, f"the window {'x'.join(map(str, window_))} "
                                                    f"with padding {padding!r}")
 
-    def init(key, x):
-        check(x)
-        return {}, {}
-
-    def apply(params, state, x, *, key=None, train=False):
-        expect_params(name, params, {})
-        check(x)
+    def pool(x):
         lead = x.ndim - n - 1
         dims = (1,) * lead + window_ + (1,)
         steps = (1,) * lead + strides_ + (1,)
         pads = padding_ if isinstance(padding_, str) else [(0, 0)] * lead + padding_ + [(0, 0)]
-        return reduce(x, dims, steps, pads, n), state
+        return reduce(x, dims, steps, pads, n)
 
-    return Layer(init, apply, name)
+    return parameter_free(name, pool, check)
 
 
 def _blocks(x: jax.Array, window: tuple[int, ...]) -> jax.Array:
@@ -182,20 +176,14 @@ def _adaptive(name: str, output_size, reduce, floating: bool = False) -> Layer:
         if not all(x.shape[x.ndim - n - 1:-1]):
             raise shape_error(name, f"[..., {n} nonempty spatial axes, features]", x)
 
-    def init(key, x):
-        check(x)
-        return {}, {}
-
-    def apply(params, state, x, *, key=None, train=False):
-        expect_params(name, params, {})
-        check(x)
+    def pool(x):
         for k in reversed(range(n)):
             axis, out = x.ndim - n - 1 + k, sizes[k]
             indices, valid = _bins(x.shape[axis], out)
             x = reduce(_bin_view(x, axis, indices), axis + 1, valid)
-        return x, state
+        return x
 
-    return Layer(init, apply, name)
+    return parameter_free(name, pool, check)
 
 
 def _bin_mean(bins: jax.Array, axis: int, valid: np.ndarray) -> jax.Array:

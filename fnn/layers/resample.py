@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fnn.core import Layer, check_floating, check_positive, check_rank, expect_params, shape_error
+from fnn.core import Layer, check_floating, check_positive, check_rank, parameter_free, shape_error
 
 METHODS = ("nearest", "linear")
 
@@ -127,14 +127,8 @@ def Upsample(scale_factor: float | Sequence[float] | None = None, *,
                               f"least 1", x)
         return outs
 
-    def init(key, x):
-        out_sizes(x)
-        return {}, {}
-
-    def apply(params, state, x, *, key=None, train=False):
-        expect_params(name, params, {})
-        outs = out_sizes(x)
-        for k, out in enumerate(outs):
+    def resize(x):
+        for k, out in enumerate(out_sizes(x)):
             axis = x.ndim - n - 1 + k
             if method == "nearest":
                 x = _along(x, axis, _nearest_indices(x.shape[axis], out))
@@ -142,9 +136,9 @@ def Upsample(scale_factor: float | Sequence[float] | None = None, *,
             low, high, w_low, w_high = _linear_weights(x.shape[axis], out, align_corners)
             x = (_along(x, axis, low) * _weights(w_low, axis, x)
                  + _along(x, axis, high) * _weights(w_high, axis, x))
-        return x, state
+        return x
 
-    return Layer(init, apply, name)
+    return parameter_free(name, resize, out_sizes)
 
 
 def PixelShuffle(factor: int) -> Layer:
@@ -162,20 +156,14 @@ def PixelShuffle(factor: int) -> Layer:
         if x.shape[-1] % (r * r):
             raise shape_error(name, expected, x)
 
-    def init(key, x):
-        check(x)
-        return {}, {}
-
-    def apply(params, state, x, *, key=None, train=False):
-        expect_params(name, params, {})
-        check(x)
+    def shuffle(x):
         *lead, h, w, c = x.shape
         lead = tuple(lead)
         y = x.reshape(lead + (h, w, c // (r * r), r, r))  # [..., H, W, C, i, j]
         y = jnp.moveaxis(y, (-5, -4, -3, -2, -1), (-5, -3, -1, -4, -2))  # [..., H, i, W, j, C]
-        return y.reshape(lead + (h * r, w * r, c // (r * r))), state
+        return y.reshape(lead + (h * r, w * r, c // (r * r)))
 
-    return Layer(init, apply, name)
+    return parameter_free(name, shuffle, check)
 
 
 def PixelUnshuffle(factor: int) -> Layer:
@@ -193,17 +181,11 @@ def PixelUnshuffle(factor: int) -> Layer:
         if x.shape[-3] % r or x.shape[-2] % r:
             raise shape_error(name, expected, x)
 
-    def init(key, x):
-        check(x)
-        return {}, {}
-
-    def apply(params, state, x, *, key=None, train=False):
-        expect_params(name, params, {})
-        check(x)
+    def unshuffle(x):
         *lead, h, w, c = x.shape
         lead = tuple(lead)
         y = x.reshape(lead + (h // r, r, w // r, r, c))  # [..., H, i, W, j, C]
         y = jnp.moveaxis(y, (-5, -3, -1, -4, -2), (-5, -4, -3, -2, -1))  # [..., H, W, C, i, j]
-        return y.reshape(lead + (h // r, w // r, c * r * r)), state
+        return y.reshape(lead + (h // r, w // r, c * r * r))
 
-    return Layer(init, apply, name)
+    return parameter_free(name, unshuffle, check)

@@ -117,8 +117,7 @@ def _params_of_last_checkpoint(run):
 
 
 def test_a_run_killed_with_sigkill_and_resumed_ends_bit_identical(tmp_path):
-    import signal
-    import time
+    from helpers import kill_at_first_checkpoint
 
     raw = _raw()
     raw |= {"epochs": 4, "checkpoint": {"every": 5, "keep": 2}}
@@ -130,21 +129,7 @@ def test_a_run_killed_with_sigkill_and_resumed_ends_bit_identical(tmp_path):
     assert "host malloc: tuned" in alone.stdout
 
     run = tmp_path / "killed"
-    proc = subprocess.Popen([sys.executable, "-m", "fnn.app.cli", "train",
-                             str(tmp_path / "mlp.yaml"),
-                             "--output-dir", str(run), "--no-progress"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.monotonic() + 120
-        while not list((run / "checkpoints").glob("step_*")) and time.monotonic() < deadline:
-            time.sleep(0.02)
-        time.sleep(0.1)
-        proc.send_signal(signal.SIGKILL)
-        assert proc.wait(timeout=30) == -signal.SIGKILL
-    finally:
-        proc.kill()
-    stopped_at = max(int(p.name.split("_")[1]) for p in (run / "checkpoints").glob("step_*"))
-    assert stopped_at < 4 * 22  # killed before the end
+    assert kill_at_first_checkpoint(tmp_path / "mlp.yaml", run) < 4 * 22  # before the end
     resumed = _fnn("train", tmp_path / "mlp.yaml", "--output-dir", run, "--no-progress",
                    "--resume")
     assert resumed.returncode == 0, resumed.stderr

@@ -4,10 +4,8 @@ SIGKILL and ``--resume`` ending bit-identical, and the config's checks of the ga
 diffusion sections."""
 
 import json
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +14,7 @@ import yaml
 
 from fnn.app.cli import main
 from fnn.app.config import ConfigError, parse_config
+from helpers import kill_at_first_checkpoint
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -160,20 +159,7 @@ def test_a_generative_run_killed_with_sigkill_and_resumed_ends_bit_identical(tmp
     alone = _fnn("train", config, "--output-dir", tmp_path / "alone", "--no-progress")
     assert alone.returncode == 0, alone.stderr
     run = tmp_path / "killed"
-    proc = subprocess.Popen([sys.executable, "-m", "fnn.app.cli", "train", str(config),
-                             "--output-dir", str(run), "--no-progress"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.monotonic() + 120
-        while not list((run / "checkpoints").glob("step_*")) and time.monotonic() < deadline:
-            time.sleep(0.02)
-        time.sleep(0.1)
-        proc.send_signal(signal.SIGKILL)
-        assert proc.wait(timeout=30) == -signal.SIGKILL
-    finally:
-        proc.kill()
-    stopped = max(int(p.name.split("_")[1]) for p in (run / "checkpoints").glob("step_*"))
-    assert stopped < 3 * 22  # killed before the end
+    assert kill_at_first_checkpoint(config, run) < 3 * 22  # killed before the end
     resumed = _fnn("train", config, "--output-dir", run, "--no-progress", "--resume")
     assert resumed.returncode == 0, resumed.stderr
     assert _last_checkpoint(run) == _last_checkpoint(tmp_path / "alone")

@@ -46,6 +46,36 @@ def _devices(config):
     return available[:count]
 
 
+def _check_layout(config, learner, like, devices) -> None:
+    """The mesh and rules of fsdp and tensor, tried on the train state's shapes."""
+    from fnn.train.parallel import data_parallel
+
+    options = config.parallel
+    try:
+        runner = data_parallel(learner, mode=options["mode"], devices=devices,
+                               mesh=options["mesh"], rules=options["rules"])
+        runner.step.lay_out(like)
+    except ValueError as e:
+        raise ConfigError(f"parallel ({options['mode']}): {e}") from None
+
+
+def _memory_report(ts) -> None:
+    """The device memory the placed train state takes: what a layout is for."""
+    from fnn.train.sharding import bytes_per_device
+
+    held = bytes_per_device(ts)
+    total = sum(leaf.nbytes for leaf in _state_leaves(ts))
+    print(f"train state: {max(held.values()) / 2**20:.2f} MiB per device (the most of this "
+          f"process's {len(held)}), {total / 2**20:.2f} MiB in all")
+
+
+def _state_leaves(ts):
+    import jax
+
+    return [jax.random.key_data(a) if jax.dtypes.issubdtype(a.dtype, jax.dtypes.prng_key)
+            else a for a in jax.tree.leaves(ts)]
+
+
 def _setup(config, args, parallel: bool = True):
     """The task, learner and the run directory's plan: every check of a ``fnn train`` command,
     before anything is written (``parallel=False``: leaves out the device checks, for the
@@ -72,6 +102,8 @@ def _setup(config, args, parallel: bool = True):
     else:
         _check_generative(config, task, learner, like)
     devices = _devices(config) if parallel else None
+    if parallel and config.parallel["mode"] in ("fsdp", "tensor"):
+        _check_layout(config, learner, like, devices)
     run_plan = rundir.plan(Path(config.output_dir), config, vocab, like, steps,
                            resume=args.resume, overwrite=args.overwrite)
     if run_plan.resume_step is None and config.init is not None:
@@ -121,16 +153,50 @@ def _check_generative(config, task, learner, like) -> None:
         raise ConfigError(f"model ({name}): in training on the data's batches: {e}") from None
 
 
+_MULTI_PROCESS_MODES = ("sharded", "shard_map", "fsdp", "tensor")
+
+
+def _check_multi_process(config, flag: str) -> None:
+    if config.parallel["mode"] not in _MULTI_PROCESS_MODES:
+        raise ConfigError(f"{flag} trains one model over the devices of every process, which "
+                          f"needs parallel mode {', '.join(_MULTI_PROCESS_MODES)} (add "
+                          f"--parallel sharded), got {config.parallel['mode']}")
+
+
+def _join(args: argparse.Namespace, config) -> None:
+    """Joins the other processes of the run: ``--coordinator``, ``--num-processes`` and
+    ``--process-id`` (a run of several machines), else the environment
+    (:func:`fnn.train.distributed.initialize_from_env`: ``fnn train --processes N``, or the
+    variables a cluster's launcher sets). Before any other JAX call."""
+    from fnn.train.distributed import initialize, initialize_from_env
+
+    flags = {"--coordinator": args.coordinator, "--num-processes": args.num_processes,
+             "--process-id": args.process_id}
+    given = [flag for flag, value in flags.items() if value is not None]
+    if not given:
+        initialize_from_env()
+        return
+    if len(given) != len(flags):
+        raise ConfigError(f"{', '.join(flags)} go together: missing "
+                          f"{', '.join(f for f in flags if f not in given)}")
+    _check_multi_process(config, "--coordinator")
+    try:
+        initialize(args.coordinator, args.num_processes, args.process_id)
+    except ValueError as e:
+        raise ConfigError(str(e).replace("initialize: ", "")) from None
+
+
 def train(args: argparse.Namespace) -> int:
     if args.processes < 1:
         raise ConfigError(f"--processes must be at least 1, got {args.processes}")
+    if args.processes > 1 and args.coordinator is not None:
+        raise ConfigError("--processes launches local processes; --coordinator joins a run of "
+                          "several machines: give one or the other")
     if args.processes > 1:
         from fnn.train.distributed import launch
 
         config = load_config(args.config, _overrides(args))
-        if config.parallel["mode"] != "sharded":
-            raise ConfigError("--processes trains one model over the devices of every process, "
-                              "which needs parallel mode sharded (add --parallel sharded)")
+        _check_multi_process(config, "--processes")
         _setup(config, args, parallel=False)  # the user's errors, once, before any launch
         return launch([sys.executable, "-m", "fnn.app.cli"] + _without_processes(
             sys.argv[1:] if args.argv is None else args.argv), args.processes)
@@ -138,14 +204,13 @@ def train(args: argparse.Namespace) -> int:
     from fnn.app import rundir
     from fnn.app.runtime import tune_host_malloc
     from fnn.train import NonFiniteError, train_learner as run
-    from fnn.train.distributed import initialize_from_env
 
     config = load_config(args.config, _overrides(args))  # no JAX call: the next two come first
     # before JAX starts its threads, whose first allocation picks their malloc arena
     malloc = config.host_malloc
     if malloc == "tuned" and not tune_host_malloc():
         malloc = "default (tuned needs glibc)"
-    initialize_from_env()  # a process of `fnn train --processes N` joins the others first
+    _join(args, config)  # a process of several joins the others first
     task, filled, vocab, steps, learner, devices, run_plan = _setup(config, args)
     out = Path(config.output_dir)
     writer = _is_first_process()
@@ -169,7 +234,8 @@ def train(args: argparse.Namespace) -> int:
         _, history = run(learner, task, num_steps=steps,
                          seed=config.seed, eval_every=config.eval_every * task.steps_per_epoch,
                          parallel=config.parallel["mode"], devices=devices,
-                         checkpoint_dir=out / rundir.CHECKPOINTS,
+                         mesh=config.parallel["mesh"], rules=config.parallel["rules"],
+                         on_start=_memory_report, checkpoint_dir=out / rundir.CHECKPOINTS,
                          checkpoint_every=config.checkpoint["every"],
                          keep=config.checkpoint["keep"], resume=run_plan.resume_step is not None,
                          max_bad_steps=config.max_bad_steps, on_log=log,
@@ -491,11 +557,17 @@ def _parser() -> argparse.ArgumentParser:
     train_cmd.add_argument("--overwrite", action="store_true",
                            help="start again in an output_dir that holds a run (removes it)")
     train_cmd.add_argument("--parallel", choices=MODES,
-                           help="override parallel.mode (pmap/sharded: data parallel)")
+                           help="override parallel.mode (pmap/sharded/shard_map: data "
+                                "parallel; fsdp/tensor: the model split over the devices too)")
     train_cmd.add_argument("--devices", type=int,
                            help="override parallel.devices (default: every local device)")
     train_cmd.add_argument("--processes", type=int, default=1,
                            help="launch N local processes that train together (127.0.0.1)")
+    train_cmd.add_argument("--coordinator", metavar="HOST:PORT",
+                           help="join a run of several machines: process 0's address (with "
+                                "--num-processes and --process-id; one process per machine)")
+    train_cmd.add_argument("--num-processes", type=int, help="the processes of the run")
+    train_cmd.add_argument("--process-id", type=int, help="this process's index, 0 .. N-1")
     train_cmd.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     train_cmd.add_argument("--host-malloc", choices=HOST_MALLOC,
                            help="override host_malloc (tuned: glibc keeps freed memory for the "

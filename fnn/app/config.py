@@ -13,7 +13,10 @@ A config has these sections (see ``configs/digits_cnn.yaml``)::
     seed: 0
     output_dir: runs/digits_cnn
     # optional, with their defaults:
-    parallel: {mode: none, devices: null}  # none | pmap | sharded; devices: how many (null: all)
+    parallel: {mode: none, devices: null}  # none | pmap | sharded | shard_map | fsdp | tensor;
+                                           # devices: how many (null: all); fsdp and tensor
+                                           # also take mesh: {data: 2, model: 4} and rules:
+                                           # {"**/ffn/up/w": [null, model], ...}
     precision: float32                     # or bfloat16 / float16: compute dtype, f32 params
     checkpoint: {every: null, keep: 3}     # save every N steps (and at the end); keep the last K
     eval_every: 1                          # evaluate (and log a metrics row) every N epochs
@@ -153,7 +156,8 @@ DATASETS = {"digits": ({"batch_size"}, set()),
             "csv": ({"batch_size", "path", "label_column"}, _SPLIT),
             "images": ({"batch_size", "path", "size"}, _SPLIT | {"channels"}),
             "text_classes": ({"batch_size", "path", "seq_len"}, _SPLIT)}
-_OPTIONAL = {"parallel": {"mode": "none", "devices": None}, "precision": "float32",
+_OPTIONAL = {"parallel": {"mode": "none", "devices": None, "mesh": None, "rules": None},
+             "precision": "float32",
              "checkpoint": {"every": None, "keep": 3}, "eval_every": 1, "max_bad_steps": 10,
              "host_malloc": "default", "init": None, "augment": None, "mix": None,
              "loss": None, "gan": None, "diffusion": None}
@@ -175,7 +179,9 @@ class Config:
     epochs: int  # passes over the training set
     seed: int  # initialisation, shuffling and dropout all derive from it
     output_dir: str  # where metrics.jsonl, plot.png and checkpoints/ are written
-    parallel: dict[str, Any]  # {"mode": none | pmap | sharded, "devices": int or None (all)}
+    # {"mode": one of MODES, "devices": int or None (all), "mesh": {axis: size} or None,
+    #  "rules": {pattern: [axis or None, ...]} or None}
+    parallel: dict[str, Any]
     precision: str  # float32 | bfloat16 | float16 (the compute dtype; params stay float32)
     checkpoint: dict[str, Any]  # {"every": steps or None (only at the end), "keep": K}
     eval_every: int  # epochs between evaluations (and history rows; and the last epoch's)
@@ -255,6 +261,35 @@ def _options(section: str, value: Any, defaults: Mapping[str, Any],
     return dict(defaults) | dict(value)
 
 
+def _check_layout(parallel: Mapping[str, Any]) -> None:
+    """``parallel.mesh`` and ``parallel.rules``: only for fsdp and tensor, and well formed (the
+    rules are checked against the model's parameters when the run starts)."""
+    for key in ("mesh", "rules"):
+        if parallel[key] is not None and parallel["mode"] not in ("fsdp", "tensor"):
+            raise ConfigError(f"parallel.{key} is for the modes fsdp and tensor, which split "
+                              f"the model; parallel.mode is {parallel['mode']}")
+    mesh = parallel["mesh"]
+    if mesh is not None:
+        if not isinstance(mesh, Mapping) or not mesh:
+            raise ConfigError(f"parallel.mesh must map axis names to sizes ({{data: 2, model: "
+                              f"4}}), got {mesh!r}")
+        for name, size in mesh.items():
+            _positive_or_none(f"parallel.mesh.{name}", size, allow_none=False)
+        if "data" not in mesh:
+            raise ConfigError(f"parallel.mesh needs a data axis for the batch (data: 1 is "
+                              f"fine), got {dict(mesh)}")
+    rules = parallel["rules"]
+    if rules is not None:
+        if not isinstance(rules, Mapping):
+            raise ConfigError(f"parallel.rules must map parameter patterns to lists of mesh "
+                              f"axes ({{\"**/ffn/up/w\": [null, model]}}), got {rules!r}")
+        for pattern, spec in rules.items():
+            if not isinstance(spec, list) or not all(a is None or isinstance(a, str)
+                                                     for a in spec):
+                raise ConfigError(f"parallel.rules.{pattern} must be a list of mesh axis names "
+                                  f"or null, one per trailing axis of the array, got {spec!r}")
+
+
 def parse_config(raw: Any) -> Config:
     """Checks a config given as a mapping (e.g. loaded from YAML) and returns it."""
     if not isinstance(raw, Mapping):
@@ -281,6 +316,7 @@ def parse_config(raw: Any) -> Config:
     if parallel["mode"] == "none" and (parallel["devices"] or 1) > 1:
         raise ConfigError(f"parallel.devices is {parallel['devices']} but parallel.mode is none "
                           f"(one device): give a mode, pmap or sharded (--parallel)")
+    _check_layout(parallel)
     checkpoint = _options("checkpoint", raw["checkpoint"], _OPTIONAL["checkpoint"])
     _positive_or_none("checkpoint.every", checkpoint["every"])
     _positive_or_none("checkpoint.keep", checkpoint["keep"], allow_none=False)

@@ -63,6 +63,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import operator
 import os
 import pathlib
@@ -75,6 +76,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental import multihost_utils
 
 FORMAT = "fnn-checkpoint"
 VERSION = 1
@@ -85,6 +87,7 @@ _OLD_PREFIX = ".old-"  # a complete checkpoint moved aside while its step is ove
 _STEP_DIR = re.compile(r"step_(\d{8,})")
 _OLD_DIR = re.compile(re.escape(_OLD_PREFIX) + r"step_(\d{8,})-[0-9a-f]+")
 _MAX_LISTED = 10  # mismatching arrays listed in one error message
+_CHUNK_BYTES = 64 << 20  # a save copies about this much to the host at a time
 
 
 class CheckpointError(ValueError):
@@ -122,9 +125,11 @@ def save_checkpoint(root, step: int, tree, *, metadata: dict | None = None,
     Args:
       root: the checkpoint directory; created if missing.
       step: the step number, an int >= 0. A checkpoint of the same step is replaced atomically.
-      tree: a pytree of arrays (jax or numpy, typed PRNG keys included) that this process can
-        read whole: a jax array sharded or replicated over local devices is gathered with
-        ``jax.device_get``.
+      tree: a pytree of arrays (jax or numpy, typed PRNG keys included). Arrays are copied to
+        the host a few at a time (at most about 64 MiB at once, or one larger array), so a
+        save never holds the whole tree in host memory. An array sharded over several
+        processes' devices is gathered (a collective): then every process must call
+        ``save_checkpoint`` with the same arguments, and only process 0 writes.
       metadata: a dict saved alongside and returned by :func:`restore_checkpoint`, e.g. the
         data iterator's position. It must survive a JSON round trip unchanged: string keys,
         lists rather than tuples, finite floats.
@@ -139,14 +144,20 @@ def save_checkpoint(root, step: int, tree, *, metadata: dict | None = None,
     if keep is not None and (isinstance(keep, bool) or not isinstance(keep, int) or keep < 1):
         raise ValueError(f"save_checkpoint: keep must be None or an int >= 1, got {keep!r}")
     metadata = _check_metadata(metadata)
-    arrays = _host_arrays(tree)
+    leaves = _device_leaves(tree)
+    final = root / _step_name(step)
+    spans = any(isinstance(leaf, jax.Array) and not leaf.is_fully_addressable
+                for _, leaf, _ in leaves)
+    if spans and jax.process_index() != 0:
+        for _ in _host_chunks(leaves):  # take part in gathering each array; process 0 writes
+            pass
+        return final
     root.mkdir(parents=True, exist_ok=True)
     _clean_leftovers(root)
-    final = root / _step_name(step)
     tmp = root / f"{_TMP_PREFIX}{final.name}-{secrets.token_hex(4)}"
     tmp.mkdir()
     try:
-        _write(tmp, step, arrays, metadata)
+        _write(tmp, step, _host_chunks(leaves), len(leaves), metadata)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -187,9 +198,10 @@ def _check_metadata(metadata) -> dict:
     return metadata
 
 
-def _host_arrays(tree) -> list[tuple[str, np.ndarray, str | None]]:
-    """``(key path, host array, PRNG implementation or None)`` for every leaf of ``tree``."""
-    paths, leaves, impls = [], [], []
+def _device_leaves(tree) -> list[tuple[str, Any, str | None]]:
+    """``(key path, array, PRNG implementation or None)`` for every leaf of ``tree``, a key
+    array as its key data; nothing is copied yet."""
+    leaves = []
     for key_path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
         path = jax.tree_util.keystr(key_path)
         if not isinstance(leaf, (jax.Array, np.ndarray, np.generic)):
@@ -199,20 +211,37 @@ def _host_arrays(tree) -> list[tuple[str, np.ndarray, str | None]]:
         if jnp.issubdtype(leaf.dtype, jax.dtypes.prng_key):
             impl = str(jax.random.key_impl(leaf))
             leaf = jax.random.key_data(leaf)
-        if isinstance(leaf, jax.Array) and not leaf.is_fully_addressable:
-            raise ValueError(f"save_checkpoint: array {path} is not fully addressable from this "
-                             "process; gather it first (jax.experimental.multihost_utils."
-                             "process_allgather)")
-        paths.append(path)
-        leaves.append(leaf)
-        impls.append(impl)
+        _check_dtype(np.dtype(leaf.dtype), f"save_checkpoint: array {path}")
+        leaves.append((path, leaf, impl))
+    paths = [path for path, _, _ in leaves]
     if len(set(paths)) != len(paths):
         raise ValueError(f"save_checkpoint: two leaves share a key path: {sorted(paths)}")
-    host = jax.device_get(leaves)  # one call, so that the device-to-host copies overlap
+    return leaves
+
+
+def _host_chunks(leaves):
+    """The leaves as C-contiguous host arrays, in order, in lists of at most
+    :data:`_CHUNK_BYTES` (or one larger array): each list is one ``jax.device_get``, so that
+    its copies overlap, and a list is dropped once written."""
+    chunk, size = [], 0
+    for entry in leaves:
+        nbytes = np.dtype(entry[1].dtype).itemsize * math.prod(np.shape(entry[1]))
+        if chunk and size + nbytes > _CHUNK_BYTES:
+            yield _fetch(chunk)
+            chunk, size = [], 0
+        chunk.append(entry)
+        size += nbytes
+    if chunk:
+        yield _fetch(chunk)
+
+
+def _fetch(chunk) -> list[tuple[str, np.ndarray, str | None]]:
+    local = [leaf if not isinstance(leaf, jax.Array) or leaf.is_fully_addressable
+             else multihost_utils.process_allgather(leaf, tiled=True)
+             for _, leaf, _ in chunk]
     arrays = []
-    for path, array, impl in zip(paths, host, impls):
+    for (path, _, impl), array in zip(chunk, jax.device_get(local)):
         array = np.asarray(array, order="C")  # keeps 0-d arrays 0-d
-        _check_dtype(array.dtype, f"save_checkpoint: array {path}")
         if not array.dtype.isnative:
             array = array.astype(array.dtype.newbyteorder("="))
         arrays.append((path, array, impl))
@@ -231,21 +260,22 @@ def _check_dtype(dtype: np.dtype, where: str) -> np.dtype:
     return dtype
 
 
-def _write(directory: pathlib.Path, step: int, arrays, metadata: dict) -> None:
-    """Writes the data file and then the manifest into ``directory`` and syncs them to disk."""
-    with _thread_pool(len(arrays)) as pool:
-        # hashing takes about as long as writing: the threads hash while this one writes
-        digests = pool.map(_sha256, [array for _, array, _ in arrays])
-        with open(directory / DATA_FILE, "wb") as f:
-            for _, array, _ in arrays:
+def _write(directory: pathlib.Path, step: int, chunks, count: int, metadata: dict) -> None:
+    """Writes the data file from the ``chunks`` of :func:`_host_chunks` (``count`` arrays in
+    all) and then the manifest into ``directory``, and syncs them to disk."""
+    entries, offset = [], 0
+    with _thread_pool(count) as pool, open(directory / DATA_FILE, "wb") as f:
+        for chunk in chunks:
+            # hashing takes about as long as writing: the threads hash while this one writes
+            digests = pool.map(_sha256, [array for _, array, _ in chunk])
+            for _, array, _ in chunk:
                 f.write(_bytes_of(array))
-            _sync(f)
-        entries, offset = [], 0
-        for (path, array, impl), digest in zip(arrays, digests):
-            entries.append({"path": path, "dtype": array.dtype.name, "shape": list(array.shape),
-                            "offset": offset, "nbytes": array.nbytes, "sha256": digest,
-                            "key_impl": impl})
-            offset += array.nbytes
+            for (path, array, impl), digest in zip(chunk, digests):
+                entries.append({"path": path, "dtype": array.dtype.name,
+                                "shape": list(array.shape), "offset": offset,
+                                "nbytes": array.nbytes, "sha256": digest, "key_impl": impl})
+                offset += array.nbytes
+        _sync(f)
     manifest = {"format": FORMAT, "version": VERSION, "step": step, "metadata": metadata,
                 "data_bytes": offset, "arrays": entries}
     manifest["manifest_sha256"] = _manifest_hash(manifest)

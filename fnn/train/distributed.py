@@ -35,6 +35,8 @@ ENV_COORDINATOR = "FNN_COORDINATOR"  # "host:port" of process 0's coordinator se
 ENV_NUM_PROCESSES = "FNN_NUM_PROCESSES"
 ENV_PROCESS_ID = "FNN_PROCESS_ID"  # 0 .. FNN_NUM_PROCESSES - 1
 _ENV_VARS = (ENV_COORDINATOR, ENV_NUM_PROCESSES, ENV_PROCESS_ID)
+# the same three under JAX's names, read when none of fnn's is set
+_JAX_ENV_VARS = ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID")
 _TAIL_LINES = 20  # lines of a failed process's output repeated in the failure message
 _JOIN_S = 2.0  # how long to wait for a reader thread to copy the last output lines
 
@@ -79,23 +81,28 @@ def initialize(coordinator_address: str, num_processes: int, process_id: int, *,
 
 def initialize_from_env(*, timeout_s: float = 60.0) -> bool:
     """:func:`initialize` from ``FNN_COORDINATOR``, ``FNN_NUM_PROCESSES`` and ``FNN_PROCESS_ID``
-    (set by :func:`launch`). Returns False, doing nothing, when none of them is set."""
-    values = {name: os.environ.get(name) for name in _ENV_VARS}
+    (set by :func:`launch`), or else from JAX's ``JAX_COORDINATOR_ADDRESS``,
+    ``JAX_NUM_PROCESSES`` and ``JAX_PROCESS_ID``. Returns False, doing nothing, when none of
+    them is set."""
+    names = _ENV_VARS
+    if all(os.environ.get(name) is None for name in names):
+        names = _JAX_ENV_VARS
+    values = {name: os.environ.get(name) for name in names}
     if all(value is None for value in values.values()):
         return False
     missing = [name for name, value in values.items() if value is None]
     if missing:
-        raise ValueError(f"initialize_from_env: {', '.join(_ENV_VARS)} must be set together; "
+        raise ValueError(f"initialize_from_env: {', '.join(names)} must be set together; "
                          f"missing {', '.join(missing)}")
     numbers = {}
-    for name in (ENV_NUM_PROCESSES, ENV_PROCESS_ID):
+    coordinator, count, index = names
+    for name in (count, index):
         try:
             numbers[name] = int(values[name])
         except ValueError:
             raise ValueError(f"initialize_from_env: {name} must be an integer, got "
                              f"{values[name]!r}") from None
-    initialize(values[ENV_COORDINATOR], numbers[ENV_NUM_PROCESSES], numbers[ENV_PROCESS_ID],
-               timeout_s=timeout_s)
+    initialize(values[coordinator], numbers[count], numbers[index], timeout_s=timeout_s)
     return True
 
 

@@ -19,6 +19,7 @@ from fnn.train.checkpoint import (latest_step, restore_latest_intact, save_check
                                   set_aside)
 from fnn.train.learner import Learner, supervised
 from fnn.train.parallel import MODES, data_parallel
+from fnn.train.sharding import spans_processes
 from fnn.train.state import TrainState
 from fnn.train.step import Loss, Metric, Mix
 from fnn.train.tasks import Task, classification_task
@@ -120,9 +121,10 @@ class _Start(NamedTuple):
     seconds: float
 
 
-def _start(learner: Learner, task: Task, seed: int, checkpoint_dir, resume: bool,
+def _start(learner: Learner, runner, task: Task, seed: int, checkpoint_dir, resume: bool,
            num_steps: int) -> _Start:
-    ts = learner.init(jax.random.key(seed), task.example)
+    # where the mode keeps it: split over the devices from the start in fsdp and tensor
+    ts = runner.initial_state(learner.init, jax.random.key(seed), task.example)
     if learner.check is not None:
         learner.check(ts, task)
     if not (resume and checkpoint_dir is not None and latest_step(checkpoint_dir) is not None):
@@ -141,16 +143,17 @@ def _start(learner: Learner, task: Task, seed: int, checkpoint_dir, resume: bool
                   history[-1]["seconds"] if history else 0.0)
 
 
-def _stop_if_stuck(learner: Learner, ts: TrainState, step: int, streak: int,
-                   max_bad_steps: int, batch) -> None:
+def _stop_if_stuck(learner: Learner, state_after: Callable[[], TrainState], step: int,
+                   streak: int, max_bad_steps: int, batch) -> None:
     """Raises :class:`NonFiniteError` after ``max_bad_steps`` skipped steps in a row, with the
-    learner's diagnosis of the last bad batch (``ts``: the state after it)."""
+    learner's diagnosis of the last bad batch (``state_after()``: the state after it, fetched
+    only then)."""
     if streak < max_bad_steps:
         return
     if learner.diagnose is None:
         found = "no diagnosis (the learner has none)"
     else:
-        found = (learner.diagnose(ts, step, batch)
+        found = (learner.diagnose(state_after(), step, batch)
                  or "the debug pass found every output and gradient finite")
     raise NonFiniteError(
         f"{streak} consecutive train steps (steps {step - streak + 1} to {step}) had a "
@@ -179,6 +182,7 @@ def _history_row(task: Task, done: int, means: _TrainMeans, held_out: Mapping[st
 def train(model: Layer, optimizer: optax.GradientTransformation, loss: Loss, task: Task, *,
           num_steps: int, seed: int = 0, eval_every: int | None = None,
           parallel: str = "none", devices: Sequence[Any] | None = None,
+          mesh: Any = None, rules: Any = None,
           checkpoint_dir: str | Path | None = None, checkpoint_every: int | None = None,
           keep: int = 3, resume: bool = False, max_bad_steps: int = 10,
           on_log: Callable[[dict[str, Any]], None] | None = None,
@@ -196,7 +200,8 @@ def train(model: Layer, optimizer: optax.GradientTransformation, loss: Loss, tas
     return train_learner(supervised(model, optimizer, loss, task.metrics, mix=mix,
                                     params=params, state=state), task, num_steps=num_steps,
                          seed=seed, eval_every=eval_every, parallel=parallel, devices=devices,
-                         checkpoint_dir=checkpoint_dir, checkpoint_every=checkpoint_every,
+                         mesh=mesh, rules=rules, checkpoint_dir=checkpoint_dir,
+                         checkpoint_every=checkpoint_every,
                          keep=keep, resume=resume, max_bad_steps=max_bad_steps, on_log=on_log,
                          progress=progress)
 
@@ -204,11 +209,13 @@ def train(model: Layer, optimizer: optax.GradientTransformation, loss: Loss, tas
 def train_learner(learner: Learner, task: Task, *, num_steps: int, seed: int = 0,
                   eval_every: int | None = None, parallel: str = "none",
                   devices: Sequence[Any] | None = None,
+                  mesh: Any = None, rules: Any = None,
                   checkpoint_dir: str | Path | None = None,
                   checkpoint_every: int | None = None, keep: int = 3, resume: bool = False,
                   max_bad_steps: int = 10,
                   on_log: Callable[[dict[str, Any]], None] | None = None,
                   on_eval: Callable[[int, TrainState], None] | None = None,
+                  on_start: Callable[[TrainState], None] | None = None,
                   progress: bool = True) -> tuple[TrainState, list[dict[str, Any]]]:
     """Trains ``learner`` (:class:`~fnn.train.Learner`: a classifier, a GAN, a diffusion model)
     on ``task`` for ``num_steps`` steps; returns the final train state and the history.
@@ -218,11 +225,15 @@ def train_learner(learner: Learner, task: Task, *, num_steps: int, seed: int = 0
       steps since the previous row, skipped steps left out), ``<eval_name>_<metric>`` (the
       learner's ``eval_step`` on the task's held-out data), ``skipped`` (non-finite steps so
       far) and ``seconds``. ``on_log`` is called with each row as it is made, and ``on_eval``
-      with the step and the train state of each row (to write samples, say); both only in the
-      first process.
-    - ``parallel``: ``"none"``, ``"pmap"`` or ``"sharded"`` over ``devices`` (default: every
-      local device); see :func:`fnn.train.data_parallel`. With several processes each feeds
-      its share of every global batch (rows ``[i * B / P, (i + 1) * B / P)``).
+      with the step and the train state of each row (to write samples, say), ``on_start`` with
+      the train state as placed on the devices before the first step (to report the memory it
+      takes, :func:`fnn.train.sharding.bytes_per_device`); all three only in the first process.
+    - ``parallel``: one of :data:`fnn.train.parallel.MODES` over ``devices`` (default: every
+      local device, or every device for the modes with a mesh); ``mesh`` and ``rules``: the
+      layout of the ``"fsdp"`` and ``"tensor"`` modes; see :func:`fnn.train.data_parallel`.
+      With several processes each feeds its share of every global batch (rows
+      ``[i * B / P, (i + 1) * B / P)``), and a checkpoint of a state split across processes is
+      gathered one array at a time and written by the first process.
     - Checkpoints: with ``checkpoint_dir`` the whole run (train state, the data position, the
       history so far) is saved every ``checkpoint_every`` steps and after the last step,
       keeping the last ``keep``. With ``resume`` the run continues from the latest checkpoint
@@ -242,8 +253,9 @@ def train_learner(learner: Learner, task: Task, *, num_steps: int, seed: int = 0
     if resume and checkpoint_dir is None:
         raise ValueError("train: resume=True needs the checkpoint_dir to resume from")
     eval_every = task.steps_per_epoch if eval_every is None else eval_every
-    runner = data_parallel(learner, mode=parallel, devices=devices)
-    start = _start(learner, task, seed, checkpoint_dir, resume, num_steps)
+    runner = data_parallel(learner, mode=parallel, devices=devices, mesh=mesh,
+                           rules=rules)
+    start = _start(learner, runner, task, seed, checkpoint_dir, resume, num_steps)
     history, means = start.history, start.means
     eval_step = jax.jit(learner.eval_step)
     writer = jax.process_index() == 0
@@ -256,14 +268,16 @@ def train_learner(learner: Learner, task: Task, *, num_steps: int, seed: int = 0
         metrics = {name: float(v) for name, v in jax.device_get(m).items()}
         means.add(metrics)
         try:
-            _stop_if_stuck(learner, runner.get_state(pts), done, int(metrics["bad_streak"]),
-                           max_bad_steps, batch)
+            _stop_if_stuck(learner, lambda: runner.get_state(pts), done,
+                           int(metrics["bad_streak"]), max_bad_steps, batch)
         except NonFiniteError:
             bar.close()
             raise
         return metrics
 
     pts = runner.put_state(start.ts)
+    if on_start is not None and writer:
+        on_start(pts)
     state = None  # the train state as of the last history row or checkpoint
     pending = None  # the previous step's (step, metrics, batch): read after the next dispatch
     for step in range(int(start.ts.step), num_steps):
@@ -292,7 +306,8 @@ def train_learner(learner: Learner, task: Task, *, num_steps: int, seed: int = 0
                 on_log(row)
             if on_eval is not None and writer:
                 on_eval(done, state)
-        if save_now and writer:
+        # a state split over several processes is gathered array by array, by every process
+        if save_now and (writer or spans_processes(state)):
             # the data position is the step (the manifest's own): a batch is f(seed, step)
             save_checkpoint(checkpoint_dir, done, state, keep=keep,
                             metadata={"history": history, "train_sums": means.sums,

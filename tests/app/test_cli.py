@@ -162,7 +162,7 @@ def _tiny(tmp_path, name="tiny.yaml", **changes):
                     "schedule": {"name": "cosine", "warmup_steps": 5}}
     raw["model"] |= {"hidden_features": [8], "dropout": 0.0}
     for section, value in changes.items():
-        raw[section] = raw[section] | value if isinstance(value, dict) else value
+        raw[section] = raw.get(section, {}) | value if isinstance(value, dict) else value
     path = tmp_path / name
     path.write_text(yaml.safe_dump(raw))
     return path
@@ -312,6 +312,20 @@ def test_user_errors_are_one_line_with_exit_status_2(tmp_path, case):
                     None),  # replaced below: a window longer than max_length
         "processes": (["train", str(_tiny(tmp_path, "processes.yaml")), "--processes", "0"],
                       "--processes must be at least 1, got 0"),
+        "coordinator": (["train", str(_tiny(tmp_path, "coordinator.yaml")), "--parallel",
+                         "fsdp", "--coordinator", "127.0.0.1:1234"],
+                        "--coordinator, --num-processes, --process-id go together: missing "
+                        "--num-processes, --process-id"),
+        "coordinator_mode": (["train", str(_tiny(tmp_path, "coordinator_mode.yaml")),
+                              "--coordinator", "127.0.0.1:1234", "--num-processes", "2",
+                              "--process-id", "0"],
+                             "--coordinator trains one model over the devices of every "
+                             "process, which needs parallel mode sharded, shard_map, fsdp, "
+                             "tensor (add --parallel sharded), got none"),
+        "rules": (["train", str(_tiny(tmp_path, "rules.yaml", parallel={
+            "mode": "fsdp", "rules": {"nope/*": ["data"]}}))],
+                  "parallel (fsdp): sharding: the rule 'nope/*' matches no parameter; the "
+                  "parameters are dense1/b, dense1/w, head/b, head/w"),
         "devices": (["train", str(_tiny(tmp_path, "devices.yaml")), "--parallel", "pmap",
                      "--devices", "99"],
                     "parallel.devices is 99 but only 8 devices are available (on a CPU, "

@@ -100,7 +100,7 @@ def test_bad_optional_sections_are_rejected(edit, message):
 
 def test_optional_sections_take_defaults_and_shorthands():
     config = parse_config(_raw() | {"parallel": "sharded"})
-    assert config.parallel == {"mode": "sharded", "devices": None}
+    assert config.parallel == {"mode": "sharded", "devices": None, "mesh": None, "rules": None}
     assert config.precision == "float32" and config.max_bad_steps == 10
     assert config.host_malloc == "default"
     assert config.checkpoint == {"every": None, "keep": 3}
@@ -192,13 +192,30 @@ def test_an_override_of_one_key_of_a_section_keeps_the_others(tmp_path):
     raw = _raw() | {"parallel": {"mode": "pmap"}}
     (tmp_path / "c.yaml").write_text(yaml.safe_dump(raw))
     config = load_config(tmp_path / "c.yaml", {"parallel": {"devices": 4}})
-    assert config.parallel == {"mode": "pmap", "devices": 4}  # --devices does not drop pmap
+    # --devices does not drop pmap
+    assert config.parallel == {"mode": "pmap", "devices": 4, "mesh": None, "rules": None}
     (tmp_path / "s.yaml").write_text(yaml.safe_dump(_raw() | {"parallel": "sharded"}))
     assert load_config(tmp_path / "s.yaml", {"parallel": {"devices": 2}}).parallel == {
-        "mode": "sharded", "devices": 2}
+        "mode": "sharded", "devices": 2, "mesh": None, "rules": None}
     with pytest.raises(ConfigError, match=r"parallel.devices is 4 but parallel.mode is none "
                                           r"\(one device\): give a mode"):
         load_config(tmp_path / "s.yaml", {"parallel": {"mode": "none", "devices": 4}})
+
+
+@pytest.mark.parametrize("parallel, message", [
+    ({"mode": "sharded", "mesh": {"data": 8}}, "parallel.mesh is for the modes fsdp and tensor"),
+    ({"mode": "tensor", "mesh": {"model": 8}}, "parallel.mesh needs a data axis"),
+    ({"mode": "tensor", "mesh": {"data": 0}}, "parallel.mesh.data must be a positive int"),
+    ({"mode": "fsdp", "rules": ["x"]}, "parallel.rules must map parameter patterns"),
+    ({"mode": "fsdp", "rules": {"head/w": "model"}},
+     r"parallel.rules.head/w must be a list of mesh axis names or null"),
+])
+def test_the_layout_of_fsdp_and_tensor_is_checked(parallel, message):
+    with pytest.raises(ConfigError, match=message):
+        parse_config(_raw() | {"parallel": parallel})
+    tensor = parse_config(_raw() | {"parallel": {"mode": "tensor", "mesh": {"data": 2,
+                                                                              "model": 4}}})
+    assert tensor.parallel["mesh"] == {"data": 2, "model": 4}
 
 
 def test_the_number_of_classes_may_come_from_the_data():

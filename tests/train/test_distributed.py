@@ -1,5 +1,6 @@
-"""Several processes: two local processes train one model together with mode="sharded" and end
-with the parameters of one process on the whole batch; a process that dies ends the run (never
+"""Several processes: two local processes train one model together with mode="sharded", and
+with mode="fsdp" (the model split over both processes' devices, checkpointed and evaluated as
+it is), and end with the parameters of one process on the whole batch; a process that dies ends the run (never
 a hang); the environment contract of ``initialize_from_env``.
 
 One launch serves both multi-process tests (each process start costs seconds): the workers train
@@ -21,7 +22,9 @@ import pytest
 
 from fnn.losses import softmax_cross_entropy
 from fnn.models import MLP
+from fnn.train.checkpoint import list_steps, restore_checkpoint, save_checkpoint
 from fnn.train.distributed import initialize, initialize_from_env, launch
+from fnn.train.learner import supervised
 from fnn.train.parallel import data_parallel
 from fnn.train.state import create_train_state
 
@@ -30,17 +33,18 @@ DEVICES_PER_PROCESS = 2
 BATCH = 16  # global batch: each process feeds BATCH / NUM_PROCESSES rows
 STEPS = 4
 DEATH_CODE = 3  # process 1's exit code when it dies in step STEPS + 1
-TIMEOUT_S = 60  # a whole launch; a run that needs longer has hung
+TIMEOUT_S = 120  # a whole launch; a run that needs longer has hung
 
 
 def _batch(step: int):
     rng = np.random.default_rng(step)
-    return (rng.standard_normal((BATCH, 6)).astype(np.float32),
+    return (rng.standard_normal((BATCH, 32)).astype(np.float32),
             rng.integers(0, 3, BATCH).astype(np.int32))
 
 
 def _setup():
-    model, optimizer = MLP([8], 3), optax.adam(0.05)
+    # dense1/w [32, 64] has the 1,024 elements that fsdp splits
+    model, optimizer = MLP([64], 3), optax.adam(0.05)
     ts = create_train_state(model, optimizer, jax.random.key(0), _batch(0)[0])
     return model, optimizer, ts
 
@@ -70,6 +74,19 @@ def _worker(out: pathlib.Path) -> None:
         print(f"step {i + 1}: loss {float(metrics['loss']):.6f}", flush=True)
         return pts, metrics
 
+    rows = slice(index * share, (index + 1) * share)
+    fsdp = data_parallel(model, optimizer, softmax_cross_entropy, mode="fsdp")
+    learner = supervised(model, optimizer, softmax_cross_entropy)
+    fts = fsdp.initial_state(learner.init, jax.random.key(0), _batch(0)[0])
+    for i in range(STEPS):
+        x, y = _batch(i)
+        fts, _ = fsdp.step(fts, *fsdp.put_batch(x[rows], y[rows]))
+    split = fsdp.get_state(fts)
+    assert not split.params["dense1"]["w"].is_fully_addressable
+    save_checkpoint(out / "fsdp", STEPS, split)  # every process gathers; process 0 writes
+    held_out = jax.jit(learner.eval_step)(split, *_batch(99))
+    np.save(out / f"fsdp_loss{index}.npy", np.float32(held_out["loss"]))
+
     for i in range(STEPS):
         pts, metrics = step(pts, i)
     np.save(out / f"params{index}.npy", _flat_params(runner.get_state(pts)))
@@ -84,6 +101,10 @@ def _worker(out: pathlib.Path) -> None:
         os._exit(DEATH_CODE)
     step(pts, STEPS)  # needs process 1: must never finish
     print("process 0 finished a step without process 1", flush=True)
+
+
+def learner_eval(model, optimizer):
+    return jax.jit(supervised(model, optimizer, softmax_cross_entropy).eval_step)
 
 
 def _distributed_available() -> bool:
@@ -120,6 +141,13 @@ def test_two_processes_train_like_one_process_on_the_whole_batch(run):
         np.testing.assert_allclose(np.load(out / f"loss{index}.npy"), metrics["loss"], rtol=1e-6)
     # the processes are replicas of one another: bit-identical
     np.testing.assert_array_equal(np.load(out / "params0.npy"), np.load(out / "params1.npy"))
+    # fsdp: the checkpoint gathered from both processes holds the one-process params
+    saved, _ = restore_checkpoint(out / "fsdp", jax.eval_shape(lambda: ts))
+    np.testing.assert_allclose(_flat_params(saved), expected, rtol=1e-6, atol=1e-6)
+    assert list_steps(out / "fsdp") == [STEPS]
+    held_out = learner_eval(model, optimizer)(ts, *_batch(99))["loss"]
+    for index in range(NUM_PROCESSES):
+        np.testing.assert_allclose(np.load(out / f"fsdp_loss{index}.npy"), held_out, rtol=1e-5)
 
 
 def test_a_dying_process_ends_the_run_and_stops_the_others(run):

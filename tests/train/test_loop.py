@@ -141,7 +141,7 @@ def test_consecutive_non_finite_steps_stop_the_run_naming_the_cause(digits):
     assert "input" in message and "NaN" in message
 
 
-@pytest.mark.parametrize("mode", ["pmap", "sharded"])
+@pytest.mark.parametrize("mode", ["pmap", "sharded", "shard_map", "fsdp", "tensor"])
 def test_data_parallel_runs_of_the_loop_equal_the_plain_run(digits, mode):
     task = classification_task(digits, 32, seed=2)
     model = MLP([32], 10, flatten_axes=3)  # no dropout: devices draw their own masks

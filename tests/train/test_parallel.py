@@ -42,7 +42,8 @@ def _model(axis_name=None):
 # built once: the tests share each model's compiled init and steps
 MODELS = {"plain": _model(), "synced": _model(DATA_AXIS)}
 OPTIMIZERS = {"sgd": optax.sgd(0.5), "adam": optax.adam(1e-2)}
-MODEL_OF_MODE = {"none": "plain", "pmap": "synced", "sharded": "plain"}
+MODEL_OF_MODE = {"none": "plain", "pmap": "synced", "sharded": "plain", "shard_map": "synced",
+                 "fsdp": "plain", "tensor": "plain"}
 
 
 @functools.lru_cache(maxsize=None)
@@ -81,7 +82,7 @@ def test_eight_devices_are_there():
     assert jax.device_count() == DEVICES
 
 
-@pytest.mark.parametrize("mode", ["pmap", "sharded"])
+@pytest.mark.parametrize("mode", ["pmap", "sharded", "shard_map", "fsdp", "tensor"])
 def test_one_sgd_step_and_twenty_adam_steps_equal_one_device(mode):
     for optimizer, steps in (("sgd", 1), ("adam", 20)):
         expected, expected_metrics = _run("none", optimizer, steps)
@@ -96,7 +97,7 @@ def test_one_sgd_step_and_twenty_adam_steps_equal_one_device(mode):
         assert int(got.step) == steps and int(got.skipped) == 0
 
 
-@pytest.mark.parametrize("mode", ["pmap", "sharded"])
+@pytest.mark.parametrize("mode", ["pmap", "sharded", "shard_map", "fsdp"])
 def test_batchnorm_running_statistics_are_the_whole_batchs(mode):
     # by construction: one step from mean 0, var 1 with momentum 0.5
     first, _ = _run(mode, "sgd", 1)
@@ -219,7 +220,7 @@ def test_each_device_draws_its_own_dropout_key():
     assert not np.allclose(draws[0], draws[1])
 
 
-@pytest.mark.parametrize("mode", ["pmap", "sharded"])
+@pytest.mark.parametrize("mode", ["pmap", "sharded", "shard_map", "fsdp"])
 def test_a_batch_that_does_not_divide_by_the_devices_is_rejected(mode):
     runner = _runner(mode, "sgd")
     with pytest.raises(ValueError, match=rf"mode='{mode}'.*batch size 12 does not divide by "
@@ -231,7 +232,7 @@ def test_a_batch_that_does_not_divide_by_the_devices_is_rejected(mode):
 
 def test_data_parallel_checks_its_arguments():
     args = (MODELS["plain"], OPTIMIZERS["sgd"], softmax_cross_entropy)
-    assert MODES == ("none", "pmap", "sharded")
+    assert MODES == ("none", "pmap", "sharded", "shard_map", "fsdp", "tensor")
     with pytest.raises(ValueError, match=r"mode must be one of .*got 'tpu'"):
         data_parallel(*args, mode="tpu")
     with pytest.raises(ValueError, match="mode 'none' trains on one device, got 2 devices"):
@@ -239,7 +240,11 @@ def test_data_parallel_checks_its_arguments():
     with pytest.raises(ValueError, match="expected at least one device"):
         data_parallel(*args, mode="pmap", devices=[])
     runner = data_parallel(*args, mode="sharded", devices=jax.devices()[:2])
-    assert runner.num_devices == 2 and repr(runner) == "DataParallel(mode='sharded', num_devices=2)"
+    assert runner.num_devices == 2
+    assert repr(runner) == "DataParallel(mode='sharded', num_devices=2, mesh={'data': 2})"
+    with pytest.raises(ValueError, match="mode 'pmap' replicates the train state, so it takes "
+                                         "no mesh or sharding rules"):
+        data_parallel(*args, mode="pmap", mesh={"data": 8})
 
 
 def test_pmap_helpers_lay_out_replicas_and_rows():

@@ -284,11 +284,12 @@ def _shard_map(step_fn, devices, donate) -> DataParallel:
     mesh = _spanning(data_mesh(devices), "shard_map")
     replicated = NamedSharding(mesh, P())
     rows = NamedSharding(mesh, P(DATA_AXIS))
-    # pmap's per-device body; check_vma stays on: the step marks the params as varying before
-    # differentiating, so each device's gradient is its own and the explicit pmean the mean
+    # pmap's per-device body, with pmap's semantics: no varying-axes checks, so a replicated
+    # parameter's gradient is each device's own and the step's explicit pmean the mean (jax
+    # 0.12's checks also refuse some primitives outright, a GPT's among them)
     per_device = jax.shard_map(step_fn(DATA_AXIS if mesh.size > 1 else None), mesh=mesh,
                                in_specs=(P(), P(DATA_AXIS), P(DATA_AXIS)),
-                               out_specs=(P(), P()))
+                               out_specs=(P(), P()), check_vma=False)
     step = jax.jit(per_device, donate_argnums=(0,) if donate else ())
     return DataParallel("shard_map", list(mesh.devices.flat), step,
                         put_state=lambda ts: place(ts, _like(ts, replicated)),

@@ -115,8 +115,9 @@ def test_the_initial_state_is_created_split_and_equals_the_plain_init():
     split = runner.initial_state(learner.init, jax.random.key(3), batch(0)[0])
     plain = learner.init(jax.random.key(3), batch(0)[0])
     assert split.params["embed"]["table"].sharding.spec == P("data", None)
-    jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.asarray, split.params),
-                 jax.tree.map(np.asarray, plain.params))
+    # bit-equal on jax 0.10; jax 0.12 rounds the split program's normal draws apart (3e-7)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7),
+                 jax.tree.map(np.asarray, split.params), jax.tree.map(np.asarray, plain.params))
 
 
 def test_tensor_rules_split_heads_hidden_units_and_vocabulary():

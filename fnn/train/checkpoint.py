@@ -149,8 +149,11 @@ def save_checkpoint(root, step: int, tree, *, metadata: dict | None = None,
     spans = any(isinstance(leaf, jax.Array) and not leaf.is_fully_addressable
                 for _, leaf, _ in leaves)
     if spans and jax.process_index() != 0:
-        for _ in _host_chunks(leaves):  # take part in gathering each array; process 0 writes
-            pass
+        # take part in gathering each array that spans processes, in process 0's order; only
+        # process 0 writes, so this one copies nothing else to its host
+        for _, leaf, _ in leaves:
+            if isinstance(leaf, jax.Array) and not leaf.is_fully_addressable:
+                multihost_utils.process_allgather(leaf, tiled=True)
         return final
     root.mkdir(parents=True, exist_ok=True)
     _clean_leftovers(root)
